@@ -11,6 +11,8 @@ from typing import Any, Iterator
 import torch
 
 from hpcdl.comm import Communicator
+from hpcdl.compression import parse_compression
+from hpcdl.compression.compat import check_compression
 from hpcdl.errors import ConfigError
 from hpcdl.log import setup_logging
 from hpcdl.strategies import Strategy, build_strategy, parse_strategy
@@ -120,8 +122,21 @@ class DistributedOptimizer:
         with self.strategy.no_sync():
             yield
 
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Return ``loss`` times the fp16 loss scale (unchanged at other precisions); backpropagate that."""
+        return self.transforms.scale_loss(loss)
+
+    @property
+    def loss_scale(self) -> float:
+        """The current fp16 loss scale, or 1 at other precisions."""
+        return self.transforms.loss_scale
+
     def step(self, closure=None) -> Any:
-        """Synchronize, transform gradients, and apply the local optimizer's step."""
+        """Synchronize, transform gradients, and apply the local optimizer's step.
+
+        Returns None on every rank when the non-finite guard skipped the step.
+        """
+        self.transforms.check_local_gradients()
         return self.strategy.step(closure)
 
     def state_dict(self) -> dict[str, Any]:
@@ -143,8 +158,8 @@ class DistributedOptimizer:
 
 def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, strategy: str = "allreduce",
          compression: str = "none", clip_norm: float | None = None, algorithm: str = "auto",
-         bucket_mb: float = 25.0, comm: Communicator | None = None,
-         **options: Any) -> tuple[torch.nn.Module, DistributedOptimizer]:
+         bucket_mb: float = 25.0, comm: Communicator | None = None, precision: str = "fp32",
+         max_skipped_steps: int = 20, **options: Any) -> tuple[torch.nn.Module, DistributedOptimizer]:
     """Make ``model`` and ``optimizer`` train data-parallel under ``strategy``.
 
     Every rank must call it with the same arguments. Parameters and buffers are
@@ -159,6 +174,10 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, strategy: 
         algorithm: all-reduce algorithm: ``auto``, ``ring``, ``mpi``, ``hierarchical``.
         bucket_mb: fusion bucket size in MiB.
         comm: the data-parallel communicator; the world communicator by default.
+        precision: ``fp32``, ``bf16`` or ``fp16``. With fp16, backpropagate
+            ``optimizer.scale_loss(loss)`` so that dynamic loss scaling applies.
+        max_skipped_steps: consecutive steps skipped for non-finite gradients
+            before every rank raises ``NonFiniteGradientError``; 0 never raises.
 
     Returns:
         The model (unchanged object) and the distributed optimizer.
@@ -173,10 +192,12 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, strategy: 
         raise ConfigError(f"Invalid clip_norm={clip_norm}: it must be a positive number, or None to disable clipping.")
     comm = comm or context().comm
     spec = parse_strategy(strategy)
+    check_compression(spec, parse_compression(compression))
     strat = build_strategy(spec, comm, algorithm=algorithm, bucket_mb=bucket_mb,
                            compression=compression, **options)
     strat.attach(model, optimizer)
-    transforms = GradientTransforms(strat, clip_norm=clip_norm)
+    transforms = GradientTransforms(strat, clip_norm=clip_norm, precision=precision,
+                                    max_skipped_steps=max_skipped_steps)
     return model, DistributedOptimizer(optimizer, strat, transforms)
 
 

@@ -43,8 +43,13 @@ def _train_options(func):
         click.option("--schedule", help="LR schedule after warmup: constant or cosine. [constant]"),
         click.option("--warmup-steps", type=int, help="Linear LR warmup steps. [0]"),
         click.option("--accumulate", type=int, help="Micro-batches per optimizer step. [1]"),
-        click.option("--clip-norm", type=float, help="Clip the global L2 norm of the averaged gradient."),
-        click.option("--precision", help="fp32 or bf16 autocast. [fp32]"),
+        click.option("--clip-norm", type=float,
+                     help="Clip the gradient's global L2 norm to X once per step: the averaged gradient for "
+                          "allreduce and hierarchical, each rank's own for local-sgd and diloco."),
+        click.option("--precision", help="fp32, bf16 or fp16 autocast; fp16 adds dynamic loss scaling. [fp32]"),
+        click.option("--max-skipped-steps", type=int,
+                     help="Fail after this many consecutive steps skipped for non-finite gradients; "
+                          "0 never fails. [20]"),
         click.option("--seed", type=int, help="Seed; the same seed and config repeat a run. [0]"),
         click.option("--run-dir", help="Output directory. [runs/<timestamp>-<strategy>]"),
         click.option("--resume", help="Continue the run in this directory from its latest checkpoint."),
@@ -57,6 +62,27 @@ def _train_options(func):
                      help="Group consecutive ranks into nodes of this size to emulate several nodes "
                           "on one machine (testing aid). [0: ask MPI]"),
         click.option("--fail-at", help="Testing aid: make rank RANK raise at step STEP (RANK:STEP)."),
+        click.option("--inject-nonfinite",
+                     help="Testing aid: make rank RANK's gradient infinite at step STEP (RANK:STEP or "
+                          "RANK:FIRST-LAST)."),
+        click.option("--pipeline-stages", type=int,
+                     help="Pipeline stages P; the rank count must be P x tensor-parallel x replicas. [1]"),
+        click.option("--tensor-parallel", type=int,
+                     help="Ranks T that split each transformer block's matrices. [1]"),
+        click.option("--micro-batches", type=int, help="Micro-batches per step in the pipeline. [1]"),
+        click.option("--pipeline-schedule", help="Pipeline schedule: gpipe or 1f1b. [1f1b]"),
+        click.option("--pipeline-split",
+                     help="Layer indices where stages 1..P-1 start, e.g. 2,4. [balanced by parameter count]"),
+        click.option("--ps-ranks", type=int,
+                     help="Parameter-server ranks for async, ssp and bsp-ps; the first K ranks serve. [1]"),
+        click.option("--ps-timeout-s", type=float,
+                     help="In ssp and bsp-ps, fail the job when a worker sends nothing for this many "
+                          "seconds. [120]"),
+        click.option("--straggler",
+                     help="Testing aid: make worker RANK sleep SECONDS before each push (RANK:SECONDS)."),
+        click.option("--straggler-factor",
+                     help="Fault injection: slow rank RANK's compute FACTOR times by sleeping after its "
+                          "forward and backward passes (RANK:FACTOR, e.g. 1:4)."),
         click.option("--launched", is_flag=True, hidden=True),
     ]
     for option in reversed(options):
@@ -147,12 +173,52 @@ def _run_in_place(config, launched: bool) -> int:
 
 
 @main.command()
+def ps() -> None:
+    """Serve parameters as ranks of their own in an MPMD job.
+
+    Start it under the MPI launcher beside the training ranks; it takes every
+    setting from the first training rank. Give the trainers --ps-ranks equal to
+    the number of 'hpcdl ps' ranks.
+
+    \b
+    Example:
+      mpiexec -n 1 hpcdl ps : -n 4 hpcdl train --strategy async --ps-ranks 1
+    """
+    from hpcdl import launch
+    from hpcdl.run import run_server_rank
+
+    if not launch.in_mpi_job():
+        raise UsageFailure("'hpcdl ps' runs only under an MPI launcher, next to 'hpcdl train' ranks, for "
+                           "example: mpiexec -n 1 hpcdl ps : -n 4 hpcdl train --strategy async")
+    sys.exit(run_server_rank())
+
+
+@main.command()
 def info() -> None:
     """Print the MPI library, threading level, torch and backends in use."""
     from hpcdl.info import environment_report
 
     for key, value in environment_report().items():
         click.echo(f"{key:<18} {value}")
+
+
+def _register_slurm() -> None:
+    from hpcdl.slurm_cli import slurm
+
+    main.add_command(slurm)
+
+
+_register_slurm()
+
+
+def _register_bench() -> None:
+    from hpcdl.bench.cli import bench, compare
+
+    main.add_command(bench)
+    main.add_command(compare)
+
+
+_register_bench()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ class TrainConfig:
     accumulate: int = 1
     clip_norm: float | None = None
     precision: str = "fp32"
+    max_skipped_steps: int = 20
+    inject_nonfinite: str | None = None
 
     seed: int = 0
     run_dir: str | None = None
@@ -69,6 +71,17 @@ class TrainConfig:
     progress: str = "auto"
     fail_at: str | None = None
     ranks_per_node: int = 0
+
+    pipeline_stages: int = 1
+    tensor_parallel: int = 1
+    micro_batches: int = 1
+    pipeline_schedule: str = "1f1b"
+    pipeline_split: str | None = None
+
+    ps_ranks: int = 1
+    ps_timeout_s: float = 120.0
+    straggler: str | None = None
+    straggler_factor: str | None = None
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -180,6 +193,22 @@ def replace(config: TrainConfig, **changes: Any) -> TrainConfig:
 _FAIL_AT = re.compile(r"^(\d+):(\d+)$")
 
 
+_INJECT_NONFINITE = re.compile(r"^(\d+):(\d+)(?:-(\d+))?$")
+
+
+def parse_inject_nonfinite(text: str | None) -> tuple[int, int, int] | None:
+    """Parse ``RANK:STEP`` or ``RANK:FIRST-LAST`` into (rank, first step, last step)."""
+    if text is None:
+        return None
+    match = _INJECT_NONFINITE.match(text.strip())
+    if not match or (match.group(3) is not None and int(match.group(3)) < int(match.group(2))):
+        raise ConfigError(f"Invalid inject_nonfinite {text!r}: expected RANK:STEP or RANK:FIRST-LAST with "
+                          f"FIRST <= LAST, for example 1:5 or 1:5-8.")
+    first = int(match.group(2))
+    last = int(match.group(3)) if match.group(3) is not None else first
+    return int(match.group(1)), first, last
+
+
 def parse_fail_at(text: str | None) -> tuple[int, int] | None:
     """Parse ``RANK:STEP`` for the fault-injection option."""
     if text is None:
@@ -188,3 +217,30 @@ def parse_fail_at(text: str | None) -> tuple[int, int] | None:
     if not match:
         raise ConfigError(f"Invalid fail_at {text!r}: expected RANK:STEP, for example 1:5.")
     return int(match.group(1)), int(match.group(2))
+
+
+_STRAGGLER = re.compile(r"^(\d+):(\d+(?:\.\d*)?)$")
+
+
+def parse_straggler(text: str | None) -> tuple[int, float] | None:
+    """Parse ``RANK:SECONDS`` for the option that delays one worker before each push."""
+    if text is None:
+        return None
+    match = _STRAGGLER.match(text.strip())
+    if not match:
+        raise ConfigError(f"Invalid straggler {text!r}: expected RANK:SECONDS, for example 1:0.05.")
+    return int(match.group(1)), float(match.group(2))
+
+
+_STRAGGLER_FACTOR = re.compile(r"^(\d+):(\d+(?:\.\d*)?)$")
+
+
+def parse_straggler_factor(text: str | None) -> tuple[int, float] | None:
+    """Parse ``RANK:FACTOR`` for the fault injection that slows one rank's compute FACTOR times."""
+    if text is None:
+        return None
+    match = _STRAGGLER_FACTOR.match(text.strip())
+    if not match or float(match.group(2)) < 1.0:
+        raise ConfigError(f"Invalid straggler_factor {text!r}: expected RANK:FACTOR with FACTOR >= 1, "
+                          f"for example 1:4 to make rank 1 compute four times slower.")
+    return int(match.group(1)), float(match.group(2))

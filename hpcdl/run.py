@@ -22,20 +22,41 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
     from hpcdl.api import init
 
     ctx = init(ranks_per_node=config.ranks_per_node)
+    error = None
     try:
         from hpcdl.validate import validate
 
         validate(config, ctx.size, launched=launched)
     except ConfigError as exc:
+        error = str(exc)
+    # Rank 0's verdict decides for all ranks. The run-directory check reads the file
+    # system, and rank 0 fills that directory as soon as it passes. A slower rank could
+    # then reject the directory and exit while rank 0 waits for it in a collective.
+    error = ctx.comm.comm.bcast(error, root=0)
+    if error is not None:
         if ctx.rank == 0:
-            print(f"Error: {exc}", file=sys.stderr)
+            print(f"Error: {error}", file=sys.stderr)
         return 2
 
     trainer = None
     try:
+        from hpcdl.ps.runner import start_job as start_ps_job
+        from hpcdl.ps.runner import uses_parameter_server
         from hpcdl.trainer import Trainer
 
-        trainer = Trainer(config)
+        if config.pipeline_stages > 1 or config.tensor_parallel > 1:
+            from hpcdl.parallel.trainer import ParallelTrainer
+
+            trainer = ParallelTrainer(config)
+        elif uses_parameter_server(config.strategy):
+            # Server ranks serve until every worker finishes; workers train on
+            # their own communicator, so data, evaluation and summaries see only them.
+            worker_comm = start_ps_job(ctx.comm, config)
+            if worker_comm is None:
+                return 0
+            trainer = Trainer(config, comm=worker_comm)
+        else:
+            trainer = Trainer(config)
         summary = trainer.fit()
     except BaseException as exc:  # noqa: BLE001 - every failure must end the whole job
         step = trainer.step if trainer is not None else "set-up"
@@ -45,7 +66,7 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
         ctx.comm.comm.Abort(1)
         return 1
 
-    if ctx.rank == 0:
+    if getattr(trainer, "is_root", ctx.rank == 0):
         _print_summary(summary)
     return 0
 
@@ -60,3 +81,23 @@ def _print_summary(summary: dict) -> None:
         f"run directory   {summary['run_dir']}",
     ]
     print("\n".join(lines), flush=True)
+
+
+def run_server_rank() -> int:
+    """Serve parameters as a rank started with ``hpcdl ps``; abort the MPI job if this rank fails.
+
+    The first training rank sends the run's config, so a server rank needs no options.
+    """
+    from hpcdl.api import init
+    from hpcdl.ps.runner import start_job
+
+    ctx = init()
+    try:
+        start_job(ctx.comm, None)
+    except BaseException as exc:  # noqa: BLE001 - every failure must end the whole job
+        log.error("parameter-server rank %d failed: %s: %s", ctx.rank, type(exc).__name__, exc,
+                  exc_info=not isinstance(exc, KeyboardInterrupt))
+        sys.stderr.flush()
+        ctx.comm.comm.Abort(1)
+        return 1
+    return 0

@@ -14,7 +14,9 @@ from safetensors.torch import save_model
 
 from hpcdl import checkpoint
 from hpcdl.api import DistributedOptimizer, init, wrap
-from hpcdl.config import TrainConfig, parse_fail_at, replace
+from hpcdl.comm import Communicator
+from hpcdl.config import TrainConfig, parse_fail_at, parse_inject_nonfinite, replace
+from hpcdl.config import parse_straggler_factor
 from hpcdl.data import GlobalBatchSampler, load_dataset
 from hpcdl.evaluate import evaluate
 from hpcdl.metrics import MetricsWriter, Progress, write_summary
@@ -42,17 +44,21 @@ class Trainer:
 
     Args:
         config: a validated config.
+        comm: the communicator of the training ranks; the world communicator by
+            default. Parameter-server jobs pass the workers' communicator.
 
     Example:
         >>> summary = hpcdl.Trainer(TrainConfig(dataset="digits", epochs=3)).fit()
     """
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, comm: Communicator | None = None) -> None:
         self.config = config
         self.ctx = init(ranks_per_node=config.ranks_per_node)
-        self.comm = self.ctx.comm
+        self.comm = comm if comm is not None else self.ctx.comm
         self.is_root = self.comm.rank == 0
         self.fail_at = parse_fail_at(config.fail_at)
+        self.inject_nonfinite = parse_inject_nonfinite(config.inject_nonfinite)
+        self.straggler_factor = parse_straggler_factor(config.straggler_factor)
         self.run_dir = self._prepare_run_dir()
 
         torch.manual_seed(config.seed)
@@ -62,7 +68,9 @@ class Trainer:
         self.model, self.optimizer = wrap(
             self.model, optimizer, strategy=config.strategy, compression=config.compression,
             clip_norm=config.clip_norm, algorithm=config.allreduce, bucket_mb=config.bucket_mb,
-            comm=self.comm, overlap=config.overlap)
+            comm=self.comm, overlap=config.overlap, precision=config.precision,
+            max_skipped_steps=config.max_skipped_steps, ps_timeout_s=config.ps_timeout_s,
+            straggler=config.straggler)
         self.loss_fn = loss_function(self.data.task)
 
         self.sampler = GlobalBatchSampler(len(self.data.x_train), config.batch_size, self.comm.rank,
@@ -87,7 +95,9 @@ class Trainer:
         if self.is_root:
             run_dir = Path(config.resume or config.run_dir or default_run_dir(config))
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            replace(config, resume=None, run_dir=str(run_dir)).save(run_dir / "config.toml")
+            # Fault-injection aids are left out, so that a resumed run does not fail again.
+            saved = replace(config, resume=None, run_dir=str(run_dir), fail_at=None, inject_nonfinite=None)
+            saved.save(run_dir / "config.toml")
         run_dir = Path(self.comm.bcast_object(str(run_dir) if run_dir else None))
         return run_dir
 
@@ -138,6 +148,7 @@ class Trainer:
                                                      batch_size=config.eval_batch_size)
                 if self.step % config.log_every == 0 or end_of_epoch or self.step == self.total_steps:
                     record = self._log_record(window)
+                    record.update(self.optimizer.strategy.metrics())
                     metrics.log(record)
                     progress.update(self.step, self._progress_fields(record, start_samples))
                     window = [0.0, 0.0]
@@ -158,31 +169,50 @@ class Trainer:
             raise InjectedFailure(f"injected failure at step {self.step} (fail_at={self.config.fail_at})")
 
         indices = self.sampler.indices(epoch, step_in_epoch)
-        global_batch = self.comm.size * self.config.batch_size
-        global_samples = min(global_batch, len(self.data.x_train) - step_in_epoch * global_batch)
+        global_samples = self.sampler.samples_in_step(step_in_epoch)
         set_learning_rate(self.optimizer, learning_rate(self.config, self.step, self.total_steps))
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.set_sample_count(len(indices), global_samples)
 
         loss_sum = 0.0
+        compute_start = time.perf_counter()
         micro_batches = [m for m in torch.tensor_split(indices, self.config.accumulate) if len(m)]
         for i, micro in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else self.optimizer.no_sync()
-            with sync, self._autocast():
-                loss = self.loss_fn(self.model(self.data.x_train[micro]), self.data.y_train[micro])
-            # Scale so the local gradient is the mean over this rank's samples.
-            (loss * (len(micro) / len(indices))).backward()
+            # Backward stays inside no_sync: the gradient hooks fire there.
+            with sync:
+                with self._autocast():
+                    loss = self.loss_fn(self.model(self.data.x_train[micro]), self.data.y_train[micro])
+                # Scale so the local gradient is the mean over this rank's samples.
+                weighted = loss * (len(micro) / len(indices))
+                if last and self._injecting_nonfinite():
+                    weighted = weighted * float("inf")
+                self.optimizer.scale_loss(weighted).backward()
             loss_sum += float(loss.detach()) * len(micro)
+        self._straggle(time.perf_counter() - compute_start)
 
         self.optimizer.step()
         self.step += 1
         self.samples += global_samples
         return loss_sum, len(indices)
 
+    def _straggle(self, compute_s: float) -> None:
+        # Fault injection: this rank's forward and backward take FACTOR times as long.
+        if self.straggler_factor is not None and self.straggler_factor[0] == self.comm.rank:
+            time.sleep((self.straggler_factor[1] - 1.0) * compute_s)
+
+    def _injecting_nonfinite(self) -> bool:
+        if self.inject_nonfinite is None:
+            return False
+        rank, first, last = self.inject_nonfinite
+        return rank == self.comm.rank and first <= self.step <= last
+
     def _autocast(self):
         if self.config.precision == "bf16":
             return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.config.precision == "fp16":
+            return torch.autocast("cpu", dtype=torch.float16)
         return contextlib.nullcontext()
 
     # Logging, checkpoints, outputs
@@ -258,6 +288,7 @@ class Trainer:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "run_dir": str(self.run_dir),
         }
+        summary.update(self.optimizer.strategy.metrics())
         if self.is_root:
             save_model(self.model, str(self.run_dir / "model.safetensors"))
             write_summary(self.run_dir / "summary.json", summary)

@@ -7,14 +7,15 @@ from pathlib import Path
 
 from hpcdl import checkpoint
 from hpcdl.compression import parse_compression
+from hpcdl.compression.compat import check_compression
 from hpcdl.config import (ALLREDUCE_ALGORITHMS, OPTIMIZERS, PRECISIONS, PROGRESS_MODES, SCHEDULES,
-                          TrainConfig, load_toml, parse_fail_at)
+                          TrainConfig, load_toml, parse_fail_at, parse_inject_nonfinite)
 from hpcdl.errors import ConfigError
 from hpcdl.strategies import parse_strategy
 
 # Settings that may change when a run is resumed; every other one must match.
 RESUMABLE_CHANGES = {"epochs", "steps", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
-                     "fail_at", "resume", "run_dir", "eval_batch_size"}
+                     "fail_at", "resume", "run_dir", "eval_batch_size", "inject_nonfinite"}
 
 
 def _positive(config: TrainConfig, *names: str) -> None:
@@ -50,6 +51,7 @@ def validate(config: TrainConfig, world_size: int, *, launched: bool = False) ->
     _positive(config, "batch_size", "eval_batch_size", "hidden", "epochs", "steps", "accumulate",
               "lr", "bucket_mb", "clip_norm", "log_every", "keep_checkpoints")
     _non_negative(config, "weight_decay", "warmup_steps", "checkpoint_every", "ranks_per_node", "seed")
+    _non_negative(config, "max_skipped_steps")
     if not 0 <= config.momentum < 1:
         raise ConfigError(f"Invalid momentum={config.momentum}: it must be in [0, 1).")
     _choice(config, "optimizer", OPTIMIZERS)
@@ -59,22 +61,38 @@ def validate(config: TrainConfig, world_size: int, *, launched: bool = False) ->
     _choice(config, "allreduce", ALLREDUCE_ALGORITHMS)
     if config.nesterov and (config.optimizer != "sgd" or config.momentum == 0):
         raise ConfigError("Invalid nesterov=true: Nesterov momentum needs --optimizer sgd and --momentum > 0.")
-    if config.precision == "fp16":
-        raise ConfigError("Invalid precision='fp16': fp16 with loss scaling is not available yet; use bf16 or fp32.")
     if config.allreduce == "horovod" and importlib.util.find_spec("horovod") is None:
         raise ConfigError("Invalid allreduce='horovod': Horovod is not installed. Run 'make horovod', "
                           "or pick ring, mpi or hierarchical.")
 
-    parse_strategy(config.strategy)
-    parse_compression(config.compression)
+    strategy_spec = parse_strategy(config.strategy)
+    check_compression(strategy_spec, parse_compression(config.compression))
+    if config.precision == "fp16" and strategy_spec.name in ("async", "ssp", "bsp-ps"):
+        raise ConfigError(f"Invalid precision='fp16' with strategy {strategy_spec.name!r}: parameter-server "
+                          "workers push gradients without the shared loss unscaling. Use --precision bf16 or fp32.")
     fail_at = parse_fail_at(config.fail_at)
     if fail_at is not None and fail_at[0] >= world_size:
         raise ConfigError(f"Invalid fail_at={config.fail_at!r}: rank {fail_at[0]} does not exist in a job of "
                           f"{world_size} ranks.")
+    from hpcdl.config import parse_straggler_factor
 
+    straggler_factor = parse_straggler_factor(config.straggler_factor)
+    if straggler_factor is not None and straggler_factor[0] >= world_size:
+        raise ConfigError(f"Invalid straggler_factor={config.straggler_factor!r}: rank {straggler_factor[0]} "
+                          f"does not exist in a job of {world_size} ranks.")
+    inject = parse_inject_nonfinite(config.inject_nonfinite)
+    if inject is not None and inject[0] >= world_size:
+        raise ConfigError(f"Invalid inject_nonfinite={config.inject_nonfinite!r}: rank {inject[0]} does not exist "
+                          f"in a job of {world_size} ranks.")
+
+    from hpcdl.parallel.checks import check_parallel_config
+    from hpcdl.ps.checks import check_ps_config, training_ranks
+
+    check_parallel_config(config, world_size)
+    check_ps_config(config, world_size)
     _check_data_and_model(config)
     if config.resume:
-        _check_resume(config, world_size)
+        _check_resume(config, training_ranks(config, world_size))
     elif config.run_dir and not launched:
         run_dir = Path(config.run_dir)
         if run_dir.exists() and any(run_dir.iterdir()):

@@ -58,6 +58,14 @@ class GlobalBatchSampler:
         """Samples per step summed over all ranks."""
         return self.batch_size * self.world_size
 
+    def samples_in_step(self, step: int) -> int:
+        """Return the samples all ranks together hold at ``step`` of an epoch.
+
+        Equal to ``global_batch_size`` except on the short last step, and
+        computed without communication.
+        """
+        return max(0, min(self.global_batch_size, self.num_samples - step * self.global_batch_size))
+
     def steps_per_epoch(self) -> int:
         """Return the number of steps in each epoch, which is the same on every rank."""
         if self.drop_last:

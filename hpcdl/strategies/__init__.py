@@ -12,11 +12,26 @@ from hpcdl.strategies.base import Strategy, model_tensors
 # Parameter schema of every strategy spec, checked before any rank starts.
 STRATEGY_PARAMS: dict[str, dict[str, Param]] = {
     "allreduce": {},
+    "local-sgd": {"period": Param(int, 8, min=1), "warmup": Param(int, 0, min=0)},
+    "hierarchical": {"period": Param(int, 8, min=1)},
+    "diloco": {"period": Param(int, 64, min=1), "outer_lr": Param(float, 0.7, min=0, min_exclusive=True),
+               "outer_momentum": Param(float, 0.9, min=0, max=0.999)},
+    "async": {"staleness_lr": Param(bool, False)},
+    "ssp": {"staleness": Param(int, 3, min=0)},
+    "bsp-ps": {},
+    "hogwild": {},
 }
 
 # Where each strategy's class lives, imported only when a run uses it.
 STRATEGY_CLASSES: dict[str, str] = {
     "allreduce": "hpcdl.strategies.allreduce:AllreduceStrategy",
+    "local-sgd": "hpcdl.strategies.local_sgd:LocalSGDStrategy",
+    "hierarchical": "hpcdl.strategies.hierarchical:HierarchicalStrategy",
+    "diloco": "hpcdl.strategies.diloco:DiLoCoStrategy",
+    "async": "hpcdl.strategies.param_server:ParameterServerStrategy",
+    "ssp": "hpcdl.strategies.param_server:ParameterServerStrategy",
+    "bsp-ps": "hpcdl.strategies.param_server:ParameterServerStrategy",
+    "hogwild": "hpcdl.strategies.hogwild:HogwildStrategy",
 }
 
 

@@ -8,6 +8,7 @@ import torch
 
 from hpcdl.comm import Communicator
 from hpcdl.comm.buckets import GradientBuckets
+from hpcdl.compression import Compressor, build_compressor
 from hpcdl.specs import Spec
 from hpcdl.strategies.base import Strategy
 
@@ -31,8 +32,8 @@ class AllreduceStrategy(Strategy):
     name = "allreduce"
 
     def __init__(self, comm: Communicator, *, algorithm: str = "auto", bucket_mb: float = 25.0,
-                 overlap: bool = True) -> None:
-        super().__init__(comm)
+                 overlap: bool = True, compressor: Compressor | None = None) -> None:
+        super().__init__(comm, compressor=compressor)
         self.algorithm = algorithm
         self.bucket_bytes = int(bucket_mb * 1024 * 1024)
         self.overlap = overlap
@@ -44,7 +45,8 @@ class AllreduceStrategy(Strategy):
     @classmethod
     def from_spec(cls, spec: Spec, comm: Communicator, **options: Any) -> AllreduceStrategy:
         return cls(comm, algorithm=options.get("algorithm", "auto"),
-                   bucket_mb=options.get("bucket_mb", 25.0), overlap=options.get("overlap", True))
+                   bucket_mb=options.get("bucket_mb", 25.0), overlap=options.get("overlap", True),
+                   compressor=build_compressor(options.get("compression")))
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().attach(model, optimizer)
@@ -55,7 +57,10 @@ class AllreduceStrategy(Strategy):
 
     def reduce_bucket(self, index: int, flat: torch.Tensor) -> None:
         """Sum one bucket in place across ranks; ``flat`` is already weighted."""
-        self.reduce_comm.allreduce(flat, algorithm=self.algorithm)
+        assert self.buckets is not None, "attach() must run first"
+        shapes = [p.shape for p in self.buckets.buckets[index].params]
+        self.compressor.allreduce(f"bucket{index}", flat, self.reduce_comm, algorithm=self.algorithm,
+                                  shapes=shapes)
 
     def begin_step(self, local_samples: int, global_samples: int | None = None) -> None:
         if global_samples is None:

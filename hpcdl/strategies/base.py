@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from hpcdl.comm import Communicator
+from hpcdl.compression import Compressor, build_compressor
 from hpcdl.specs import Spec
 
 
@@ -25,8 +26,9 @@ class Strategy:
 
     name = "base"
 
-    def __init__(self, comm: Communicator) -> None:
+    def __init__(self, comm: Communicator, *, compressor: Compressor | None = None) -> None:
         self.comm = comm
+        self.compressor = compressor if compressor is not None else Compressor()
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps = 0
@@ -37,7 +39,7 @@ class Strategy:
     @classmethod
     def from_spec(cls, spec: Spec, comm: Communicator, **options: Any) -> Strategy:
         """Build from a parsed spec plus run-wide options; unknown options are ignored."""
-        return cls(comm, **spec.params)
+        return cls(comm, compressor=build_compressor(options.get("compression")), **spec.params)
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Bind to the model and its local optimizer; start every rank from rank 0's state."""
@@ -95,13 +97,20 @@ class Strategy:
         for tensor in model_tensors(self.model):
             self.comm.broadcast(tensor.data, root=root)
 
+    def metrics(self) -> dict[str, Any]:
+        """Return strategy-specific values for ``metrics.jsonl`` and ``summary.json``; may be empty."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Return the strategy's checkpointable state (tensors and plain values)."""
-        return {"steps": self.steps}
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps,
+                "compressor": self.compressor.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
         self.steps = int(state.get("steps", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.compressor.load_state_dict(state.get("compressor", {}))
 
 
 def model_tensors(model: torch.nn.Module, *, floating_only: bool = False) -> list[torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Benchmark harness code shared by ``bench/`` scripts and ``hpcdl bench``."""

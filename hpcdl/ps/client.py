@@ -1,0 +1,151 @@
+"""The worker side of the parameter server: push gradients to every shard and pull parameters."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from mpi4py import MPI
+
+from hpcdl.comm import Communicator
+from hpcdl.ps import protocol as p
+
+_POLL_SLEEP_S = 0.0001
+
+
+class PSClient:
+    """Send requests to every shard at once and wait for all replies.
+
+    Requests to different shards overlap: every header, payload and reply
+    receive of one call is posted before the first wait.
+
+    Args:
+        comm: the communicator that carries parameter-server traffic.
+        server_ranks: shard i lives on ``server_ranks[i]``.
+        numel: total float32 elements of the flattened parameters.
+        timeout_s: how long to wait for a reply before raising.
+    """
+
+    def __init__(self, comm: Communicator, server_ranks: list[int], numel: int, *,
+                 timeout_s: float = 240.0) -> None:
+        self.comm = comm
+        self.rank = comm.rank
+        self.servers = list(server_ranks)
+        self.bounds = p.shard_bounds(numel, len(self.servers))
+        self.timeout_s = timeout_s
+        self.versions = [0] * len(self.servers)
+
+    def _slices(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[start:end] for start, end in self.bounds]
+
+    def request(self, kind: p.Kind, *, send: torch.Tensor | None = None, receive: torch.Tensor | None = None,
+                clock: int = 0, lr: float = 0.0) -> list[torch.Tensor]:
+        """Send one request of ``kind`` to every shard; return the reply headers.
+
+        Args:
+            send: flat float32 tensor whose shard slices are the payloads.
+            receive: flat float32 tensor whose shard slices receive the reply payloads.
+
+        Raises:
+            ParameterServerError: a shard rejected the request or did not reply in time.
+        """
+        sends = self._slices(send) if send is not None else [None] * len(self.servers)
+        receives = self._slices(receive) if receive is not None else [None] * len(self.servers)
+        replies = [torch.empty(p.REPLY_FIELDS, dtype=torch.float64) for _ in self.servers]
+        reply_requests, data_requests, send_requests, keep = [], [], [], []
+        for shard, server in enumerate(self.servers):
+            reply_requests.append(self.comm.irecv(replies[shard], source=server, tag=p.TAG_REPLY))
+            if receives[shard] is not None:
+                data_requests.append(self.comm.irecv(receives[shard], source=server, tag=p.TAG_REPLY_DATA))
+            numel = sends[shard].numel() if sends[shard] is not None else 0
+            header = p.make_header(kind, shard, self.rank, numel=numel, version=self.versions[shard],
+                                   clock=clock, lr=lr)
+            keep.append(header)
+            send_requests.append(self.comm.isend(header, server, tag=p.TAG_REQUEST))
+            if sends[shard] is not None:
+                send_requests.append(self.comm.isend(sends[shard], server, tag=p.TAG_REQUEST_DATA))
+
+        self._wait(reply_requests + send_requests, kind)
+        failed = [shard for shard, reply in enumerate(replies) if int(reply[p.R_STATUS]) != p.Status.OK]
+        if failed:
+            for request in data_requests:
+                request.Cancel()
+                request.Wait()
+            shard = failed[0]
+            status = p.Status(int(replies[shard][p.R_STATUS]))
+            raise p.ParameterServerError(
+                f"parameter-server shard {shard} (rank {self.servers[shard]}) rejected the {kind.name} "
+                f"request of rank {self.rank}: {p.STATUS_MESSAGES.get(status, status.name)}")
+        self._wait(data_requests, kind)
+        return replies
+
+    def _wait(self, requests: list[MPI.Request], kind: p.Kind) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not MPI.Request.Testall(requests):
+            if time.monotonic() > deadline:
+                raise p.ParameterServerError(
+                    f"rank {self.rank} timed out after {self.timeout_s:g} s waiting for the parameter server "
+                    f"(ranks {self.servers}) to reply to its {kind.name} request")
+            time.sleep(_POLL_SLEEP_S)
+
+    def init(self, flat_params: torch.Tensor) -> None:
+        """Send the initial parameters to every shard (first worker only)."""
+        self.request(p.Kind.INIT, send=flat_params)
+
+    def push_pull(self, flat_grad: torch.Tensor, flat_params: torch.Tensor, clock: int, lr: float) -> None:
+        """Push one gradient to every shard and receive the parameters each shard then releases."""
+        replies = self.request(p.Kind.PUSH_PULL, send=flat_grad, receive=flat_params, clock=clock, lr=lr)
+        self.versions = [int(reply[p.R_VERSION]) for reply in replies]
+
+    def pull(self, flat_params: torch.Tensor) -> None:
+        """Receive the current parameters of every shard into ``flat_params``."""
+        replies = self.request(p.Kind.PULL, receive=flat_params)
+        self.versions = [int(reply[p.R_VERSION]) for reply in replies]
+
+    def stats(self) -> list[torch.Tensor]:
+        """Return each shard's statistics vector: pushes, elapsed_s, rejected, version, histograms."""
+        out = []
+        for shard, server in enumerate(self.servers):
+            header = torch.empty(p.REPLY_FIELDS, dtype=torch.float64)
+            request = self.comm.irecv(header, source=server, tag=p.TAG_REPLY)
+            self.comm.send(p.make_header(p.Kind.STATS, shard, self.rank), server, tag=p.TAG_REQUEST)
+            self._wait([request], p.Kind.STATS)
+            stats = torch.empty(int(header[p.R_NUMEL]), dtype=torch.float64)
+            self._wait([self.comm.irecv(stats, source=server, tag=p.TAG_REPLY_DATA)], p.Kind.STATS)
+            out.append(stats)
+        return out
+
+    def get_state(self) -> list[dict[str, Any]]:
+        """Return every shard's parameters, optimizer state and counters, for a checkpoint."""
+        out = []
+        for shard, server in enumerate(self.servers):
+            header = torch.empty(p.REPLY_FIELDS, dtype=torch.float64)
+            request = self.comm.irecv(header, source=server, tag=p.TAG_REPLY)
+            self.comm.send(p.make_header(p.Kind.STATE_GET, shard, self.rank), server, tag=p.TAG_REQUEST)
+            self._wait([request], p.Kind.STATE_GET)
+            flat = torch.empty(int(header[p.R_NUMEL]), dtype=p.PAYLOAD_DTYPE)
+            self._wait([self.comm.irecv(flat, source=server, tag=p.TAG_REPLY_DATA)], p.Kind.STATE_GET)
+            meta = self.comm.comm.recv(source=server, tag=p.TAG_CONTROL)
+            out.append({"flat": flat, "meta": meta})
+        return out
+
+    def set_state(self, shards: list[dict[str, Any]]) -> None:
+        """Restore what ``get_state`` returned (first worker only)."""
+        if len(shards) != len(self.servers):
+            raise ValueError(f"the checkpoint has {len(shards)} shards but the job has {len(self.servers)} "
+                             f"server ranks; resume with the same --ps-ranks")
+        for shard, (server, state) in enumerate(zip(self.servers, shards)):
+            header = torch.empty(p.REPLY_FIELDS, dtype=torch.float64)
+            request = self.comm.irecv(header, source=server, tag=p.TAG_REPLY)
+            self.comm.send(p.make_header(p.Kind.STATE_SET, shard, self.rank), server, tag=p.TAG_REQUEST)
+            self.comm.comm.send(state["meta"], dest=server, tag=p.TAG_CONTROL)
+            self.comm.send(state["flat"].contiguous(), server, tag=p.TAG_REQUEST_DATA)
+            self._wait([request], p.Kind.STATE_SET)
+            if int(header[p.R_STATUS]) != p.Status.OK:
+                raise p.ParameterServerError(f"shard {shard} rejected the checkpoint state")
+            self.versions[shard] = int(state["meta"]["version"])
+
+    def done(self) -> None:
+        """Tell every shard that this worker sends nothing more."""
+        self.request(p.Kind.DONE)

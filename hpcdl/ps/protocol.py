@@ -1,0 +1,228 @@
+"""The wire format between parameter-server shards and workers, and its validation.
+
+Every request is a fixed-size float64 header (``HEADER_FIELDS``) on ``TAG_REQUEST``,
+followed for requests that carry tensor data by one float32 payload on
+``TAG_REQUEST_DATA``. Every request gets a reply header on ``TAG_REPLY``, and
+replies that carry tensor data send one payload on ``TAG_REPLY_DATA``. Headers and
+payloads travel through MPI buffer methods; nothing on the tensor path is pickled.
+Integer fields travel as float64, which represents every integer up to 2**53 exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+TAG_REQUEST = 7101
+TAG_REQUEST_DATA = 7102
+TAG_REPLY = 7103
+TAG_REPLY_DATA = 7104
+TAG_CONTROL = 7105
+
+# Header fields, by index.
+KIND, SHARD, DTYPE, NUMEL, NBYTES, VERSION, WORKER, CLOCK, LR = range(9)
+HEADER_FIELDS = 9
+HEADER_BYTES = HEADER_FIELDS * 8
+
+# Reply header fields, by index.
+R_STATUS, R_VERSION, R_NUMEL, R_CLOCK = range(4)
+REPLY_FIELDS = 4
+
+# Staleness and clock-gap histograms have this many bins; the last one counts
+# every value at or above it.
+HISTOGRAM_BINS = 256
+
+# The one parameter dtype the server stores; the code travels in the DTYPE field.
+DTYPE_CODES = {torch.float32: 1}
+PAYLOAD_DTYPE = torch.float32
+
+
+class Kind(IntEnum):
+    """Request kinds a worker sends to a shard."""
+
+    INIT = 1        # worker 0 sends the initial shard parameters
+    PUSH_PULL = 2   # apply a gradient, reply with fresh parameters
+    PULL = 3        # reply with the current parameters
+    STATS = 4       # reply with pushes, elapsed time and histograms (float64 payload)
+    STATE_GET = 5   # reply with parameters and optimizer state for a checkpoint
+    STATE_SET = 6   # restore parameters and optimizer state from a checkpoint
+    DONE = 7        # this worker sends nothing more
+
+
+class Status(IntEnum):
+    """Reply status codes; every value but OK rejects the request."""
+
+    OK = 0
+    BAD_HEADER = 1
+    BAD_KIND = 2
+    BAD_SHARD = 3
+    BAD_DTYPE = 4
+    BAD_SHAPE = 5
+    BAD_LENGTH = 6
+    BAD_VERSION = 7
+    BAD_WORKER = 8
+    BAD_CLOCK = 9
+    NOT_INITIALIZED = 10
+    BAD_LR = 11
+    ALREADY_INITIALIZED = 12
+
+
+STATUS_MESSAGES = {
+    Status.BAD_HEADER: "header has the wrong size or a non-integer field",
+    Status.BAD_KIND: "unknown request kind",
+    Status.BAD_SHARD: "request sent to the wrong shard",
+    Status.BAD_DTYPE: "payload dtype is not float32",
+    Status.BAD_SHAPE: "element count does not match the shard",
+    Status.BAD_LENGTH: "payload byte length does not match the header",
+    Status.BAD_VERSION: "version is negative or ahead of the shard",
+    Status.BAD_WORKER: "worker rank in the header is not the sender, or the sender is not a worker",
+    Status.BAD_CLOCK: "clock is not the sender's next push",
+    Status.NOT_INITIALIZED: "shard has not received its initial parameters",
+    Status.BAD_LR: "learning rate is not a finite non-negative number",
+    Status.ALREADY_INITIALIZED: "shard already has its initial parameters",
+}
+
+# Kinds whose request carries a float32 payload of the shard's size.
+KINDS_WITH_PAYLOAD = {Kind.INIT, Kind.PUSH_PULL}
+
+
+class ParameterServerError(RuntimeError):
+    """A shard rejected a request, or did not reply in time."""
+
+
+def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
+    """Split ``numel`` float32 elements into ``shards`` contiguous ranges of near-equal bytes.
+
+    The ranges cut through tensors, so one large tensor may span several shards.
+    Earlier shards get the one extra element when the split is uneven.
+
+    Example:
+        >>> shard_bounds(10, 3)
+        [(0, 4), (4, 7), (7, 10)]
+    """
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    base, extra = divmod(numel, shards)
+    bounds = []
+    start = 0
+    for index in range(shards):
+        end = start + base + (1 if index < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+@dataclass
+class ShardView:
+    """The shard state that request validation reads."""
+
+    shard: int
+    numel: int | None          # None until INIT
+    version: int
+    worker_ranks: frozenset[int]
+    init_rank: int
+    next_clock: dict[int, int]
+    done: frozenset[int] = frozenset()
+
+
+def _is_integer(value: float) -> bool:
+    return math.isfinite(value) and value == int(value)
+
+
+def request_kind(header: list[float]) -> Kind | None:
+    """Return the request kind a header names, or None when its size or KIND field is invalid."""
+    if len(header) != HEADER_FIELDS or not _is_integer(header[KIND]):
+        return None
+    value = int(header[KIND])
+    return Kind(value) if value in Kind._value2member_map_ else None
+
+
+def validate_request(header: list[float], source: int, payload_nbytes: int | None,
+                     view: ShardView) -> Status:
+    """Check one request against the shard's state; return ``Status.OK`` or the reason to reject it.
+
+    Args:
+        header: the received header values (any length; the right one is checked).
+        source: the MPI rank the header came from.
+        payload_nbytes: the byte length of the payload that followed, or None
+            when the request kind carries none.
+        view: the shard's current state.
+    """
+    if len(header) != HEADER_FIELDS:
+        return Status.BAD_HEADER
+    if not all(_is_integer(header[i]) for i in (KIND, SHARD, DTYPE, NUMEL, NBYTES, VERSION, WORKER, CLOCK)):
+        return Status.BAD_HEADER
+    kind_value = int(header[KIND])
+    if kind_value not in Kind._value2member_map_:
+        return Status.BAD_KIND
+    kind = Kind(kind_value)
+    worker = int(header[WORKER])
+    if worker != source or source not in view.worker_ranks or source in view.done:
+        return Status.BAD_WORKER
+    if kind in (Kind.INIT, Kind.STATE_SET) and source != view.init_rank:
+        return Status.BAD_WORKER
+    if int(header[SHARD]) != view.shard:
+        return Status.BAD_SHARD
+    if kind != Kind.INIT and view.numel is None:
+        return Status.NOT_INITIALIZED
+    if kind == Kind.INIT and view.numel is not None:
+        return Status.ALREADY_INITIALIZED
+    if kind not in KINDS_WITH_PAYLOAD:
+        return Status.OK
+
+    if int(header[DTYPE]) != DTYPE_CODES[PAYLOAD_DTYPE]:
+        return Status.BAD_DTYPE
+    numel = int(header[NUMEL])
+    if numel < 0 or (view.numel is not None and numel != view.numel):
+        return Status.BAD_SHAPE
+    element_size = torch.finfo(PAYLOAD_DTYPE).bits // 8
+    if int(header[NBYTES]) != numel * element_size or payload_nbytes != int(header[NBYTES]):
+        return Status.BAD_LENGTH
+    if kind == Kind.PUSH_PULL:
+        version = int(header[VERSION])
+        if version < 0 or version > view.version:
+            return Status.BAD_VERSION
+        if int(header[CLOCK]) != view.next_clock.get(source, -1):
+            return Status.BAD_CLOCK
+        if not (math.isfinite(header[LR]) and header[LR] >= 0):
+            return Status.BAD_LR
+    return Status.OK
+
+
+def make_header(kind: Kind, shard: int, worker: int, *, numel: int = 0, version: int = 0,
+                clock: int = 0, lr: float = 0.0) -> torch.Tensor:
+    """Build a request header as a float64 tensor."""
+    header = torch.zeros(HEADER_FIELDS, dtype=torch.float64)
+    header[KIND] = int(kind)
+    header[SHARD] = shard
+    header[DTYPE] = DTYPE_CODES[PAYLOAD_DTYPE]
+    header[NUMEL] = numel
+    header[NBYTES] = numel * (torch.finfo(PAYLOAD_DTYPE).bits // 8)
+    header[VERSION] = version
+    header[WORKER] = worker
+    header[CLOCK] = clock
+    header[LR] = lr
+    return header
+
+
+def histogram_stats(counts: torch.Tensor) -> dict[str, float]:
+    """Return mean, p50, p99 and max of integer samples given as a histogram of counts per value.
+
+    The last bin counts values of ``HISTOGRAM_BINS - 1`` and more, so statistics
+    above it are lower bounds.
+    """
+    total = float(counts.sum())
+    if total == 0:
+        return {"mean": 0.0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+    values = torch.arange(len(counts), dtype=torch.float64)
+    cumulative = torch.cumsum(counts.to(torch.float64), 0)
+    nonzero = torch.nonzero(counts).reshape(-1)
+
+    def percentile(q: float) -> float:
+        return float(torch.searchsorted(cumulative, torch.tensor(q * total, dtype=torch.float64)))
+
+    return {"mean": float((values * counts).sum() / total), "p50": percentile(0.5),
+            "p99": percentile(0.99), "max": float(nonzero[-1])}

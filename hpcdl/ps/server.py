@@ -1,0 +1,307 @@
+"""One parameter-server shard: receives pushes, applies them one at a time, serves pulls."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from mpi4py import MPI
+
+from hpcdl.comm import Communicator
+from hpcdl.ps import protocol as p
+from hpcdl.ps.optimizer import ServerOptimizer
+
+log = logging.getLogger(__name__)
+
+# How long the loop sleeps when no request is waiting, in seconds.
+_IDLE_SLEEP_S = 0.0002
+# How long a shard waits for the payload that a header announced.
+_PAYLOAD_WAIT_S = 10.0
+
+
+class WorkerTimeout(RuntimeError):
+    """A worker sent nothing within the timeout of a synchronous mode."""
+
+
+@dataclass
+class ServerSettings:
+    """The part of a run's config that a shard needs.
+
+    Args:
+        mode: ``async``, ``ssp`` or ``bsp``.
+        staleness: the ``ssp`` bound in clocks.
+        staleness_lr: in ``async``, divide the learning rate by the push's staleness.
+        timeout_s: in ``ssp`` and ``bsp``, fail the job when a worker that has not
+            finished sends nothing for this long.
+    """
+
+    mode: str
+    staleness: int = 0
+    staleness_lr: bool = False
+    timeout_s: float = 120.0
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+
+class ShardServer:
+    """Serve one shard of the parameters to every worker until all of them finish.
+
+    Requests are handled one at a time in arrival order, so no two pushes ever
+    interleave and none is lost. A request that fails validation is logged and
+    rejected with an error status sent to its sender, and the shard keeps serving.
+
+    Args:
+        comm: the communicator that carries parameter-server traffic.
+        shard: this shard's index.
+        worker_ranks: ranks of ``comm`` that train.
+        settings: mode and optimizer settings.
+    """
+
+    def __init__(self, comm: Communicator, shard: int, worker_ranks: list[int],
+                 settings: ServerSettings) -> None:
+        self.comm = comm
+        self.shard = shard
+        self.workers = list(worker_ranks)
+        self.settings = settings
+        self.params: torch.Tensor | None = None
+        self.optimizer: ServerOptimizer | None = None
+        self.version = 0
+        self.clocks = {w: 0 for w in self.workers}
+        self.done: set[int] = set()
+        self.last_seen = {w: time.monotonic() for w in self.workers}
+        self.pending_pulls: list[int] = []
+        self.round_sum: torch.Tensor | None = None
+        self.round_count = 0
+        self.round_lr = 0.0
+        self.pushes = 0
+        self.rejected = 0
+        self.staleness_counts = torch.zeros(p.HISTOGRAM_BINS, dtype=torch.float64)
+        self.clock_gap_counts = torch.zeros(p.HISTOGRAM_BINS, dtype=torch.float64)
+        self.first_push_time: float | None = None
+        self.last_push_time: float | None = None
+
+    # The loop
+
+    def serve(self) -> None:
+        """Handle requests until every worker has sent DONE."""
+        log.info("shard %d serving %d workers in %s mode", self.shard, len(self.workers), self.settings.mode)
+        status = MPI.Status()
+        while len(self.done) < len(self.workers):
+            if self.comm.comm.Iprobe(MPI.ANY_SOURCE, p.TAG_REQUEST, status):
+                self._handle(status.Get_source(), status.Get_count(MPI.BYTE))
+            else:
+                self._check_timeouts()
+                time.sleep(_IDLE_SLEEP_S)
+        log.info("shard %d finished: version %d, %d pushes, %d rejected requests",
+                 self.shard, self.version, self.pushes, self.rejected)
+
+    def _handle(self, source: int, header_nbytes: int) -> None:
+        if source in self.last_seen:
+            self.last_seen[source] = time.monotonic()
+        if header_nbytes % 8:
+            # A header whose length is not a whole number of float64 values.
+            scratch = bytearray(header_nbytes)
+            self.comm.comm.Recv([scratch, MPI.BYTE], source=source, tag=p.TAG_REQUEST)
+            self._reject(source, p.Status.BAD_HEADER, f"{header_nbytes} header bytes")
+            return
+        raw = torch.empty(header_nbytes // 8, dtype=torch.float64)
+        self.comm.recv(raw, source=source, tag=p.TAG_REQUEST)
+        header = raw.tolist()
+
+        payload = None
+        if p.request_kind(header) in p.KINDS_WITH_PAYLOAD:
+            payload = self._receive_payload(source)
+            if payload is None:
+                self._reject(source, p.Status.BAD_LENGTH, "no payload followed the header")
+                return
+        verdict = p.validate_request(header, source, None if payload is None else payload[1], self._view())
+        if verdict != p.Status.OK:
+            self._reject(source, verdict, f"header {header}")
+            return
+
+        kind = p.Kind(int(header[p.KIND]))
+        data = payload[0] if payload is not None else None
+        if kind == p.Kind.INIT:
+            self._init(source, data)
+        elif kind == p.Kind.PUSH_PULL:
+            self._push(source, header, data)
+        elif kind == p.Kind.PULL:
+            self._reply_params(source)
+        elif kind == p.Kind.STATS:
+            self._reply_stats(source)
+        elif kind == p.Kind.STATE_GET:
+            self._reply_state(source)
+        elif kind == p.Kind.STATE_SET:
+            self._load_state(source)
+        elif kind == p.Kind.DONE:
+            self.done.add(source)
+            self._reply(source, p.Status.OK)
+            self._release_pulls()
+            log.info("shard %d: worker rank %d finished at clock %d", self.shard, source, self.clocks[source])
+
+    def _receive_payload(self, source: int) -> tuple[torch.Tensor, int] | None:
+        """Receive the payload that follows a header; return (float32 tensor, byte length)."""
+        status = MPI.Status()
+        deadline = time.monotonic() + _PAYLOAD_WAIT_S
+        while not self.comm.comm.Iprobe(source, p.TAG_REQUEST_DATA, status):
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(_IDLE_SLEEP_S)
+        nbytes = status.Get_count(MPI.BYTE)
+        if nbytes % 4 or (self.params is not None and nbytes != self.params.numel() * 4):
+            scratch = bytearray(nbytes)
+            self.comm.comm.Recv([scratch, MPI.BYTE], source=source, tag=p.TAG_REQUEST_DATA)
+            return torch.empty(0), nbytes
+        data = torch.empty(nbytes // 4, dtype=p.PAYLOAD_DTYPE)
+        self.comm.recv(data, source=source, tag=p.TAG_REQUEST_DATA)
+        return data, nbytes
+
+    def _view(self) -> p.ShardView:
+        return p.ShardView(shard=self.shard, numel=None if self.params is None else self.params.numel(),
+                           version=self.version, worker_ranks=frozenset(self.workers),
+                           init_rank=self.workers[0],
+                           next_clock={w: c + 1 for w, c in self.clocks.items()},
+                           done=frozenset(self.done))
+
+    # Requests
+
+    def _init(self, source: int, data: torch.Tensor) -> None:
+        self.params = data.clone()
+        s = self.settings
+        self.optimizer = ServerOptimizer(self.params, s.optimizer, momentum=s.momentum,
+                                         nesterov=s.nesterov, weight_decay=s.weight_decay)
+        self.last_seen = {w: time.monotonic() for w in self.workers}
+        log.info("shard %d initialized with %d elements", self.shard, self.params.numel())
+        self._reply(source, p.Status.OK)
+
+    def _push(self, source: int, header: list[float], grad: torch.Tensor) -> None:
+        staleness = self.version - int(header[p.VERSION])
+        self._count(self.staleness_counts, staleness)
+        self.clocks[source] = int(header[p.CLOCK])
+        self.pushes += 1
+        self.last_push_time = time.monotonic()
+        if self.first_push_time is None:
+            self.first_push_time = self.last_push_time
+        lr = header[p.LR]
+        mode = self.settings.mode
+
+        if mode == "bsp":
+            self._add_to_round(grad, lr)
+        else:
+            if mode == "async" and self.settings.staleness_lr and staleness > 1:
+                lr = lr / staleness
+            self.optimizer.step(grad, lr)
+            self.version += 1
+
+        self.pending_pulls.append(source)
+        self._release_pulls()
+
+    def _add_to_round(self, grad: torch.Tensor, lr: float) -> None:
+        if self.round_sum is None:
+            self.round_sum = grad.clone()
+        else:
+            self.round_sum.add_(grad)
+        self.round_count += 1
+        self.round_lr = lr
+        self._maybe_close_round()
+
+    def _maybe_close_round(self) -> None:
+        """Apply the summed round once every unfinished worker has pushed this clock."""
+        live = [w for w in self.workers if w not in self.done]
+        if self.round_sum is None or self.round_count < len(live):
+            return
+        self.optimizer.step(self.round_sum, self.round_lr)
+        self.version += 1
+        self.round_sum = None
+        self.round_count = 0
+
+    def _release_pulls(self) -> None:
+        """Reply to every pending pull whose worker may proceed under the mode's bound."""
+        if self.settings.mode == "bsp":
+            self._maybe_close_round()
+        live_clocks = [self.clocks[w] for w in self.workers if w not in self.done]
+        slowest = min(live_clocks) if live_clocks else 0
+        still_waiting = []
+        for worker in self.pending_pulls:
+            gap = self.clocks[worker] - slowest
+            if self.settings.mode == "ssp" and gap > self.settings.staleness:
+                still_waiting.append(worker)
+                continue
+            if self.settings.mode == "bsp" and self.round_count > 0:
+                still_waiting.append(worker)
+                continue
+            self._count(self.clock_gap_counts, max(gap, 0))
+            self._reply_params(worker)
+        self.pending_pulls = still_waiting
+
+    # Replies
+
+    def _reply(self, dest: int, status: p.Status, numel: int = 0) -> None:
+        reply = torch.tensor([int(status), self.version, numel, self.clocks.get(dest, 0)], dtype=torch.float64)
+        self.comm.send(reply, dest, tag=p.TAG_REPLY)
+
+    def _reply_params(self, dest: int) -> None:
+        self._reply(dest, p.Status.OK, self.params.numel())
+        self.comm.send(self.params, dest, tag=p.TAG_REPLY_DATA)
+
+    def _reply_stats(self, dest: int) -> None:
+        # Seconds from the first push to the last, so set-up and idle time do not count.
+        elapsed_s = (self.last_push_time - self.first_push_time) if self.first_push_time is not None else 0.0
+        stats = torch.cat([torch.tensor([self.pushes, elapsed_s, self.rejected, self.version], dtype=torch.float64),
+                           self.staleness_counts, self.clock_gap_counts])
+        self._reply(dest, p.Status.OK, stats.numel())
+        self.comm.send(stats, dest, tag=p.TAG_REPLY_DATA)
+
+    def _reply_state(self, dest: int) -> None:
+        flat, meta = self.optimizer.state_flat()
+        meta.update({"version": self.version, "pushes": self.pushes,
+                     "clocks": {str(w): c for w, c in self.clocks.items()},
+                     "staleness_counts": self.staleness_counts.tolist(),
+                     "clock_gap_counts": self.clock_gap_counts.tolist()})
+        self._reply(dest, p.Status.OK, flat.numel())
+        self.comm.send(flat, dest, tag=p.TAG_REPLY_DATA)
+        # Small control values (counters, flags) go as one pickled object.
+        self.comm.comm.send(meta, dest=dest, tag=p.TAG_CONTROL)
+
+    def _load_state(self, source: int) -> None:
+        meta = self.comm.comm.recv(source=source, tag=p.TAG_CONTROL)
+        flat = torch.empty(int(meta["numel"]), dtype=p.PAYLOAD_DTYPE)
+        self.comm.recv(flat, source=source, tag=p.TAG_REQUEST_DATA)
+        self.optimizer.load_state_flat(flat, meta)
+        self.version = int(meta["version"])
+        self.pushes = int(meta["pushes"])
+        self.clocks.update({int(w): int(c) for w, c in meta["clocks"].items()})
+        self.staleness_counts = torch.tensor(meta["staleness_counts"], dtype=torch.float64)
+        self.clock_gap_counts = torch.tensor(meta["clock_gap_counts"], dtype=torch.float64)
+        log.info("shard %d restored at version %d", self.shard, self.version)
+        self._reply(source, p.Status.OK)
+
+    def _reject(self, source: int, status: p.Status, detail: str) -> None:
+        self.rejected += 1
+        log.warning("shard %d rejected a request from rank %d: %s (%s)", self.shard, source,
+                    p.STATUS_MESSAGES.get(status, status.name), detail)
+        self._reply(source, status)
+
+    # Bookkeeping
+
+    @staticmethod
+    def _count(histogram: torch.Tensor, value: int) -> None:
+        histogram[min(max(value, 0), p.HISTOGRAM_BINS - 1)] += 1
+
+    def _check_timeouts(self) -> None:
+        if self.settings.mode == "async" or self.params is None:
+            return
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker in self.done or worker in self.pending_pulls:
+                continue
+            silent_s = now - self.last_seen[worker]
+            if silent_s > self.settings.timeout_s:
+                raise WorkerTimeout(
+                    f"worker {self.workers.index(worker)} (world rank {worker}) sent nothing for {silent_s:.1f} s (ps_timeout_s="
+                    f"{self.settings.timeout_s:g}) at clock {self.clocks[worker]}; "
+                    f"{self.settings.mode} cannot go on without it")

@@ -1,0 +1,214 @@
+"""Parameter server and Hogwild: message validation, sharding, and whole training jobs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hpcdl.ps import protocol as p
+from tests.conftest import HPCDL, read_summary, run_cli
+
+WORKERS = frozenset({1, 2, 3})
+
+
+def _view(numel: int | None = 10, version: int = 5) -> p.ShardView:
+    return p.ShardView(shard=0, numel=numel, version=version, worker_ranks=WORKERS, init_rank=1,
+                       next_clock={1: 3, 2: 1, 3: 7})
+
+
+def _valid_push(source: int = 2) -> list[float]:
+    return p.make_header(p.Kind.PUSH_PULL, 0, source, numel=10, version=5, clock=1, lr=0.1).tolist()
+
+
+def test_valid_push_accepted():
+    assert p.validate_request(_valid_push(), 2, 40, _view()) == p.Status.OK
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    (p.SHARD, 1, p.Status.BAD_SHARD),
+    (p.DTYPE, 2, p.Status.BAD_DTYPE),
+    (p.NUMEL, 11, p.Status.BAD_SHAPE),
+    (p.NBYTES, 44, p.Status.BAD_LENGTH),
+    (p.VERSION, 6, p.Status.BAD_VERSION),
+    (p.VERSION, -1, p.Status.BAD_VERSION),
+    (p.WORKER, 3, p.Status.BAD_WORKER),
+    (p.CLOCK, 2, p.Status.BAD_CLOCK),
+    (p.KIND, 99, p.Status.BAD_KIND),
+    (p.LR, float("nan"), p.Status.BAD_LR),
+    (p.SHARD, 0.5, p.Status.BAD_HEADER),
+])
+def test_push_field_rejected(field, value, expected):
+    header = _valid_push()
+    header[field] = value
+    assert p.validate_request(header, 2, 40, _view()) == expected
+
+
+def test_payload_length_mismatch_rejected():
+    assert p.validate_request(_valid_push(), 2, 36, _view()) == p.Status.BAD_LENGTH
+
+
+def test_push_before_init_rejected():
+    assert p.validate_request(_valid_push(), 2, 40, _view(numel=None)) == p.Status.NOT_INITIALIZED
+
+
+def test_init_only_from_first_worker():
+    header = p.make_header(p.Kind.INIT, 0, 2, numel=10).tolist()
+    assert p.validate_request(header, 2, 40, _view(numel=None)) == p.Status.BAD_WORKER
+    header = p.make_header(p.Kind.INIT, 0, 1, numel=10).tolist()
+    assert p.validate_request(header, 1, 40, _view(numel=None)) == p.Status.OK
+
+
+def test_second_init_and_finished_worker_rejected():
+    header = p.make_header(p.Kind.INIT, 0, 1, numel=10).tolist()
+    assert p.validate_request(header, 1, 40, _view()) == p.Status.ALREADY_INITIALIZED
+    finished = p.ShardView(shard=0, numel=10, version=5, worker_ranks=WORKERS, init_rank=1,
+                           next_clock={1: 3, 2: 1, 3: 7}, done=frozenset({2}))
+    assert p.validate_request(_valid_push(), 2, 40, finished) == p.Status.BAD_WORKER
+
+
+@settings(max_examples=300, deadline=None)
+@given(header=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=0, max_size=12),
+       source=st.integers(min_value=0, max_value=5),
+       payload_nbytes=st.one_of(st.none(), st.integers(min_value=0, max_value=100)))
+def test_random_requests_never_crash_validation(header, source, payload_nbytes):
+    status = p.validate_request(header, source, payload_nbytes, _view())
+    assert isinstance(status, p.Status)
+    if status == p.Status.OK:
+        # Whatever is accepted names a known kind, this shard and its real sender.
+        assert p.request_kind(header) is not None
+        assert int(header[p.SHARD]) == 0
+        assert int(header[p.WORKER]) == source
+        assert source in WORKERS
+
+
+@given(numel=st.integers(min_value=0, max_value=10_000), shards=st.integers(min_value=1, max_value=9))
+def test_shard_bounds_cover_every_element_once(numel, shards):
+    bounds = p.shard_bounds(numel, shards)
+    assert len(bounds) == shards
+    assert bounds[0][0] == 0
+    assert bounds[-1][1] == numel
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [end - start for start, end in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_histogram_stats_percentiles():
+    counts = torch.zeros(p.HISTOGRAM_BINS, dtype=torch.float64)
+    counts[0] = 50
+    counts[1] = 49
+    counts[7] = 1
+    stats = p.histogram_stats(counts)
+    assert stats["p50"] == 0
+    assert stats["p99"] == 1
+    assert stats["max"] == 7
+    assert stats["mean"] == pytest.approx((49 + 7) / 100)
+
+
+@pytest.mark.parametrize("changes, world_size, message", [
+    ({"strategy": "async"}, 1, "needs at least one worker"),
+    ({"strategy": "allreduce", "ps_ranks": 2}, 4, "server ranks exist only"),
+    ({"strategy": "ssp:staleness=1", "straggler": "5:1"}, 3, "worker 5 does not exist"),
+    ({"strategy": "hogwild", "ranks_per_node": 1}, 2, "one node"),
+    ({"strategy": "bsp-ps", "ps_timeout_s": 0.0}, 3, "ps-timeout-s"),
+])
+def test_invalid_ps_settings_rejected(changes, world_size, message):
+    from hpcdl.config import TrainConfig
+    from hpcdl.errors import ConfigError
+    from hpcdl.validate import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(TrainConfig(**changes), world_size)
+
+
+def test_ps_without_worker_exits_2():
+    result = run_cli([HPCDL, "train", "-n", "1", "--strategy", "async"], timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "needs at least one worker" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# Every run: digits, a small MLP, server-side or local SGD.
+_DIGITS = ["--dataset", "digits", "--model", "mlp", "--hidden", "64", "--batch-size", "16",
+           "--progress", "off", "--log-every", "5"]
+
+
+def test_async_trains_digits(tmp_path):
+    run_dir = tmp_path / "async"
+    # Three workers each step the model at full rate, so a lower momentum keeps it stable.
+    result = run_cli([HPCDL, "train", "-n", "4", "--strategy", "async", "--epochs", "5", "--lr", "0.08",
+                      "--momentum", "0.5", "--run-dir", str(run_dir), *_DIGITS])
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(run_dir)
+    assert summary["world_size"] == 3
+    assert summary["test_accuracy"] >= 0.90
+    assert summary["pushes"] == 3 * summary["steps"]
+    assert summary["pushes_per_s"] > 0
+    for key in ("staleness_mean", "staleness_p50", "staleness_p99", "staleness_max"):
+        assert key in summary
+    assert all("staleness_max" in record for record in _metrics(run_dir))
+
+
+def test_ssp_with_straggler_bounds_staleness(tmp_path):
+    run_dir = tmp_path / "ssp"
+    result = run_cli([HPCDL, "train", "-n", "4", "--strategy", "ssp:staleness=2", "--straggler", "0:0.01",
+                      "--epochs", "6", "--lr", "0.1", "--run-dir", str(run_dir), *_DIGITS])
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(run_dir)
+    assert summary["test_accuracy"] >= 0.90
+    records = _metrics(run_dir)
+    assert records
+    assert all(record["clock_gap_max"] <= 2 for record in records)
+    assert summary["clock_gap_max"] <= 2
+    # The other workers ran ahead of the straggler until the bound stopped them.
+    assert summary["clock_gap_max"] >= 1
+
+
+def test_hogwild_trains_digits(tmp_path):
+    run_dir = tmp_path / "hogwild"
+    result = run_cli([HPCDL, "train", "-n", "3", "--strategy", "hogwild", "--epochs", "8", "--lr", "0.02",
+                      "--run-dir", str(run_dir), *_DIGITS])
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(run_dir)
+    assert summary["world_size"] == 3
+    assert summary["test_accuracy"] >= 0.90
+
+
+def test_silent_worker_fails_bsp_job(tmp_path):
+    result = run_cli([HPCDL, "train", "-n", "3", "--strategy", "bsp-ps", "--straggler", "1:60",
+                      "--ps-timeout-s", "4", "--steps", "4", "--run-dir", str(tmp_path / "bsp"), *_DIGITS],
+                     timeout=120)
+    assert result.returncode != 0
+    assert "worker 1 (world rank 2) sent nothing" in result.stderr
+
+
+def test_bsp_ps_resume_restores_server_state(tmp_path):
+    from safetensors.torch import load_file
+
+    full = tmp_path / "full"
+    flags = ["--strategy", "bsp-ps", "--steps", "6", "--checkpoint-every", "3", *_DIGITS]
+    result = run_cli([HPCDL, "train", "-n", "3", "--run-dir", str(full), *flags])
+    assert result.returncode == 0, result.stderr
+
+    # Turn a copy into a run interrupted after step 3, then resume it.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000006")
+    (resumed / "checkpoints" / "latest").write_text("step-00000003\n")
+    (resumed / "model.safetensors").unlink()
+    result = run_cli([HPCDL, "train", "-n", "3", "--resume", str(resumed)])
+    assert result.returncode == 0, result.stderr
+
+    expected = load_file(full / "model.safetensors")
+    actual = load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
