@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BIN = Path(sys.executable).parent
 HPCDL = str(BIN / "hpcdl")
-OWN_HARNESSES = {"run_all", "headline"}
+# Run by run_all itself, or helpers of another harness rather than harnesses.
+OWN_HARNESSES = {"run_all", "headline", "ddp_baseline"}
 ORDER = ["headline", "busbw", "projection", "scaling", "allreduce", "local_sgd", "compression", "ps",
          "pipeline", "horovod"]
 

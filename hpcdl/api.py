@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -58,6 +59,9 @@ def init(*, ranks_per_node: int = 0, log_level: str | None = None, set_threads: 
 
     from mpi4py import MPI
 
+    if not MPI.Is_initialized():
+        MPI.Init_thread(MPI.THREAD_MULTIPLE)
+        atexit.register(MPI.Finalize)
     world = Communicator(MPI.COMM_WORLD, ranks_per_node=ranks_per_node)
     node = world.node_comm()
     setup_logging(world.rank, log_level)

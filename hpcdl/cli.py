@@ -122,6 +122,12 @@ def train(config_file: str | None, ranks: int | None, launched: bool, **flags: A
             raise ConfigError(f"Invalid -n {ranks}: a job needs at least 1 rank.")
         world_size = ranks or 1
         setup_logging("-")
+        if ranks is not None:
+            # This process only starts mpiexec, so importing mpi4py must not make it
+            # an MPI process (a singleton init would start an Open MPI daemon, say).
+            import mpi4py
+
+            mpi4py.rc.initialize = False
         from hpcdl.validate import validate
 
         validate(config, world_size)

@@ -81,6 +81,9 @@ class Trainer:
         self.step = 0
         self.samples = 0
         self.elapsed_s = 0.0
+        # Time inside training steps only, this run: samples/s leaves out
+        # evaluation, logging and checkpoints.
+        self.train_time_s = 0.0
         self.epoch_loss = [0.0, 0.0]
         self.last_accuracy: float | None = None
         self.last_comm_bytes = 0
@@ -135,7 +138,9 @@ class Trainer:
         window = [0.0, 0.0]
         try:
             while self.step < self.total_steps:
+                step_start = time.perf_counter()
                 loss_sum, count = self._train_step()
+                self.train_time_s += time.perf_counter() - step_start
                 window[0] += loss_sum
                 window[1] += count
                 self.epoch_loss[0] += loss_sum
@@ -233,7 +238,7 @@ class Trainer:
         }
 
     def _progress_fields(self, record: dict[str, Any], start_samples: int) -> dict[str, str]:
-        rate = (self.samples - start_samples) / max(self.elapsed_s, 1e-9)
+        rate = (self.samples - start_samples) / max(self.train_time_s, 1e-9)
         fields = {"loss": f"{record['loss']:.4f}" if record["loss"] is not None else "-"}
         if self.last_accuracy is not None:
             fields["acc"] = f"{self.last_accuracy:.3f}"
@@ -276,7 +281,8 @@ class Trainer:
             "samples": self.samples,
             "epochs": round(self.step / self.steps_per_epoch, 4),
             "wall_time_s": round(self.elapsed_s, 4),
-            "samples_per_s": run_samples / max(self.elapsed_s, 1e-9),
+            "samples_per_s": run_samples / max(self.train_time_s, 1e-9),
+            "train_time_s": round(self.train_time_s, 4),
             "train_loss": float(loss_sum / count) if count else float("nan"),
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,

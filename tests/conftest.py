@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+# Initialize MPI in the test process up front: CLI tests that run the launcher
+# in-process set mpi4py.rc.initialize = False, which must not leave later
+# in-process tests with an uninitialized MPI.
+from mpi4py import MPI  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

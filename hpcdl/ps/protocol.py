@@ -16,6 +16,8 @@ from enum import IntEnum
 
 import torch
 
+from hpcdl.comm.ring import chunk_bounds
+
 TAG_REQUEST = 7101
 TAG_REQUEST_DATA = 7102
 TAG_REPLY = 7103
@@ -105,14 +107,7 @@ def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
     """
     if shards < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
-    base, extra = divmod(numel, shards)
-    bounds = []
-    start = 0
-    for index in range(shards):
-        end = start + base + (1 if index < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
+    return chunk_bounds(numel, shards)
 
 
 @dataclass

@@ -9,12 +9,10 @@ import torch
 from hpcdl.comm import Communicator
 from hpcdl.compression import Compressor, build_compressor
 from hpcdl.specs import Spec
-from hpcdl.strategies.allreduce import AllreduceStrategy
-from hpcdl.strategies.averaging import average_tensors, integer_buffers
-from hpcdl.strategies.base import model_tensors
+from hpcdl.strategies.model_averaging import ModelAveragingStrategy
 
 
-class HierarchicalStrategy(AllreduceStrategy):
+class HierarchicalStrategy(ModelAveragingStrategy):
     """Average gradients inside each node every step, and the model across nodes every H steps.
 
     Nodes are the groups of ranks that ``MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)``
@@ -51,8 +49,8 @@ class HierarchicalStrategy(AllreduceStrategy):
         # The world duplicate made by AllreduceStrategy carries the rounds across
         # nodes; gradient buckets reduce over a duplicate of the node communicator.
         self.average_comm = self.reduce_comm
+        self.average_algorithm = "hierarchical"
         self.reduce_comm = self.node.dup()
-        self.averaged_at_step = 0
 
     @classmethod
     def from_spec(cls, spec: Spec, comm: Communicator, **options: Any) -> HierarchicalStrategy:
@@ -79,25 +77,3 @@ class HierarchicalStrategy(AllreduceStrategy):
     def after_step(self) -> None:
         if self.steps % self.period == 0:
             self.average_model()
-
-    def average_model(self) -> None:
-        """Replace parameters and floating-point buffers with their mean over all ranks."""
-        assert self.model is not None, "attach() must run first"
-        average_tensors(model_tensors(self.model, floating_only=True), self.average_comm, self.compressor,
-                        "model", algorithm="hierarchical")
-        self.averaged_at_step = self.steps
-
-    def finish(self) -> None:
-        """Average once more if any step ran since the last round, then copy integer buffers from rank 0."""
-        assert self.model is not None, "attach() must run first"
-        if self.steps != self.averaged_at_step:
-            self.average_model()
-        for buffer in integer_buffers(self.model):
-            self.comm.broadcast(buffer.data, root=0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "averaged_at_step": self.averaged_at_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.averaged_at_step = int(state.get("averaged_at_step", self.steps))

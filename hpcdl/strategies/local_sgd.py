@@ -9,12 +9,10 @@ import torch
 from hpcdl.comm import Communicator
 from hpcdl.compression import Compressor, build_compressor
 from hpcdl.specs import Spec
-from hpcdl.strategies.allreduce import AllreduceStrategy
-from hpcdl.strategies.averaging import average_tensors, integer_buffers
-from hpcdl.strategies.base import model_tensors
+from hpcdl.strategies.model_averaging import ModelAveragingStrategy
 
 
-class LocalSGDStrategy(AllreduceStrategy):
+class LocalSGDStrategy(ModelAveragingStrategy):
     """Average parameters and floating-point buffers every ``period`` optimizer steps.
 
     The first ``warmup`` applied optimizer steps run exactly as ``allreduce``
@@ -53,7 +51,6 @@ class LocalSGDStrategy(AllreduceStrategy):
         super().__init__(comm, algorithm=algorithm, bucket_mb=bucket_mb, overlap=overlap, compressor=compressor)
         self.period = period
         self.warmup = warmup
-        self.averaged_at_step = 0
 
     @classmethod
     def from_spec(cls, spec: Spec, comm: Communicator, **options: Any) -> LocalSGDStrategy:
@@ -83,25 +80,3 @@ class LocalSGDStrategy(AllreduceStrategy):
         local_steps = self.steps - self.warmup
         if local_steps > 0 and local_steps % self.period == 0:
             self.average_model()
-
-    def average_model(self) -> None:
-        """Replace parameters and floating-point buffers with their mean over ranks."""
-        assert self.model is not None, "attach() must run first"
-        average_tensors(model_tensors(self.model, floating_only=True), self.reduce_comm, self.compressor,
-                        "model", algorithm=self.algorithm)
-        self.averaged_at_step = self.steps
-
-    def finish(self) -> None:
-        """Average once more if any step ran since the last round, then copy integer buffers from rank 0."""
-        assert self.model is not None, "attach() must run first"
-        if self.steps != self.averaged_at_step:
-            self.average_model()
-        for buffer in integer_buffers(self.model):
-            self.comm.broadcast(buffer.data, root=0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "averaged_at_step": self.averaged_at_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.averaged_at_step = int(state.get("averaged_at_step", self.steps))
