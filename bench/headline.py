@@ -97,7 +97,7 @@ def main() -> None:
         straggler_variants = [(s, "none") for s in straggler_strategies]
         plain = [r for r in results if r.compression == "none" and r.strategy in straggler_strategies]
         slowed = run_compare(None, args.ranks, straggler_variants, out / "straggler",
-                             extra_flags=[*flags, "--straggler-factor", "1:4"], links=links, progress=print)
+                             extra_flags=[*flags, "--straggler", "1:4"], links=links, progress=print)
 
     command = f".venv/bin/python bench/headline.py --epochs {args.epochs} --link {args.link}" + \
         (" --quick" if args.quick else "")

@@ -78,9 +78,9 @@ def _train_options(func):
         click.option("--ps-timeout-s", type=float,
                      help="In ssp and bsp-ps, fail the job when a worker sends nothing for this many "
                           "seconds. [120]"),
-        click.option("--straggler",
+        click.option("--push-delay",
                      help="Testing aid: make worker RANK sleep SECONDS before each push (RANK:SECONDS)."),
-        click.option("--straggler-factor",
+        click.option("--straggler",
                      help="Fault injection: slow rank RANK's compute FACTOR times by sleeping after its "
                           "forward and backward passes (RANK:FACTOR, e.g. 1:4)."),
         click.option("--launched", is_flag=True, hidden=True),

@@ -80,8 +80,8 @@ class TrainConfig:
 
     ps_ranks: int = 1
     ps_timeout_s: float = 120.0
+    push_delay: str | None = None
     straggler: str | None = None
-    straggler_factor: str | None = None
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -222,25 +222,25 @@ def parse_fail_at(text: str | None) -> tuple[int, int] | None:
 _STRAGGLER = re.compile(r"^(\d+):(\d+(?:\.\d*)?)$")
 
 
-def parse_straggler(text: str | None) -> tuple[int, float] | None:
+def parse_push_delay(text: str | None) -> tuple[int, float] | None:
     """Parse ``RANK:SECONDS`` for the option that delays one worker before each push."""
     if text is None:
         return None
     match = _STRAGGLER.match(text.strip())
     if not match:
-        raise ConfigError(f"Invalid straggler {text!r}: expected RANK:SECONDS, for example 1:0.05.")
+        raise ConfigError(f"Invalid push_delay {text!r}: expected RANK:SECONDS, for example 1:0.05.")
     return int(match.group(1)), float(match.group(2))
 
 
 _STRAGGLER_FACTOR = re.compile(r"^(\d+):(\d+(?:\.\d*)?)$")
 
 
-def parse_straggler_factor(text: str | None) -> tuple[int, float] | None:
+def parse_straggler(text: str | None) -> tuple[int, float] | None:
     """Parse ``RANK:FACTOR`` for the fault injection that slows one rank's compute FACTOR times."""
     if text is None:
         return None
     match = _STRAGGLER_FACTOR.match(text.strip())
     if not match or float(match.group(2)) < 1.0:
-        raise ConfigError(f"Invalid straggler_factor {text!r}: expected RANK:FACTOR with FACTOR >= 1, "
+        raise ConfigError(f"Invalid straggler {text!r}: expected RANK:FACTOR with FACTOR >= 1, "
                           f"for example 1:4 to make rank 1 compute four times slower.")
     return int(match.group(1)), float(match.group(2))

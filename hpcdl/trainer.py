@@ -16,7 +16,7 @@ from hpcdl import checkpoint
 from hpcdl.api import DistributedOptimizer, init, wrap
 from hpcdl.comm import Communicator
 from hpcdl.config import TrainConfig, parse_fail_at, parse_inject_nonfinite, replace
-from hpcdl.config import parse_straggler_factor
+from hpcdl.config import parse_straggler
 from hpcdl.data import GlobalBatchSampler, load_dataset
 from hpcdl.evaluate import evaluate
 from hpcdl.metrics import MetricsWriter, Progress, write_summary
@@ -58,7 +58,7 @@ class Trainer:
         self.is_root = self.comm.rank == 0
         self.fail_at = parse_fail_at(config.fail_at)
         self.inject_nonfinite = parse_inject_nonfinite(config.inject_nonfinite)
-        self.straggler_factor = parse_straggler_factor(config.straggler_factor)
+        self.straggler = parse_straggler(config.straggler)
         self.run_dir = self._prepare_run_dir()
 
         torch.manual_seed(config.seed)
@@ -70,7 +70,7 @@ class Trainer:
             clip_norm=config.clip_norm, algorithm=config.allreduce, bucket_mb=config.bucket_mb,
             comm=self.comm, overlap=config.overlap, precision=config.precision,
             max_skipped_steps=config.max_skipped_steps, ps_timeout_s=config.ps_timeout_s,
-            straggler=config.straggler)
+            push_delay=config.push_delay)
         self.loss_fn = loss_function(self.data.task)
 
         self.sampler = GlobalBatchSampler(len(self.data.x_train), config.batch_size, self.comm.rank,
@@ -204,8 +204,8 @@ class Trainer:
 
     def _straggle(self, compute_s: float) -> None:
         # Fault injection: this rank's forward and backward take FACTOR times as long.
-        if self.straggler_factor is not None and self.straggler_factor[0] == self.comm.rank:
-            time.sleep((self.straggler_factor[1] - 1.0) * compute_s)
+        if self.straggler is not None and self.straggler[0] == self.comm.rank:
+            time.sleep((self.straggler[1] - 1.0) * compute_s)
 
     def _injecting_nonfinite(self) -> bool:
         if self.inject_nonfinite is None:

@@ -74,11 +74,11 @@ def validate(config: TrainConfig, world_size: int, *, launched: bool = False) ->
     if fail_at is not None and fail_at[0] >= world_size:
         raise ConfigError(f"Invalid fail_at={config.fail_at!r}: rank {fail_at[0]} does not exist in a job of "
                           f"{world_size} ranks.")
-    from hpcdl.config import parse_straggler_factor
+    from hpcdl.config import parse_straggler
 
-    straggler_factor = parse_straggler_factor(config.straggler_factor)
-    if straggler_factor is not None and straggler_factor[0] >= world_size:
-        raise ConfigError(f"Invalid straggler_factor={config.straggler_factor!r}: rank {straggler_factor[0]} "
+    straggler = parse_straggler(config.straggler)
+    if straggler is not None and straggler[0] >= world_size:
+        raise ConfigError(f"Invalid straggler={config.straggler!r}: rank {straggler[0]} "
                           f"does not exist in a job of {world_size} ranks.")
     inject = parse_inject_nonfinite(config.inject_nonfinite)
     if inject is not None and inject[0] >= world_size:

@@ -17,7 +17,7 @@ from hpcdl.bench import costmodel
 from hpcdl.bench.allreduce import bus_bandwidth, parse_sizes
 from hpcdl.bench.compare import parse_variants
 from hpcdl.bench.emulate import EmulatedLinks, interface_bytes, leftovers, mpi_environment, parse_rate
-from hpcdl.config import parse_straggler_factor
+from hpcdl.config import parse_straggler
 from hpcdl.errors import ConfigError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -38,14 +38,14 @@ def test_parse_sizes_range_and_list():
         parse_sizes("1MB:4B")
 
 
-def test_parse_rate_and_straggler_factor():
+def test_parse_rate_and_straggler():
     assert parse_rate("100mbit") == 100e6
     assert parse_rate("1gbit") == 1e9
     with pytest.raises(ConfigError, match="Invalid link rate"):
         parse_rate("fast")
-    assert parse_straggler_factor("1:4") == (1, 4.0)
+    assert parse_straggler("1:4") == (1, 4.0)
     with pytest.raises(ConfigError, match="FACTOR >= 1"):
-        parse_straggler_factor("1:0.5")
+        parse_straggler("1:0.5")
 
 
 def test_compare_variants_cross_product():
@@ -199,8 +199,8 @@ def test_project_reproduces_emulated_measurements(tmp_path):
     assert model.bandwidth_gbps == pytest.approx(0.0125, rel=0.25)
 
 
-def test_straggler_factor_rank_out_of_range():
-    result = run_cli([HPCDL, "train", "-n", "2", "--straggler-factor", "5:2", "--steps", "1"])
+def test_straggler_rank_out_of_range():
+    result = run_cli([HPCDL, "train", "-n", "2", "--straggler", "5:2", "--steps", "1"])
     assert result.returncode == 2
     assert "rank 5 does not exist" in result.stderr
 

@@ -112,7 +112,7 @@ def test_histogram_stats_percentiles():
 @pytest.mark.parametrize("changes, world_size, message", [
     ({"strategy": "async"}, 1, "needs at least one worker"),
     ({"strategy": "allreduce", "ps_ranks": 2}, 4, "server ranks exist only"),
-    ({"strategy": "ssp:staleness=1", "straggler": "5:1"}, 3, "worker 5 does not exist"),
+    ({"strategy": "ssp:staleness=1", "push_delay": "5:1"}, 3, "worker 5 does not exist"),
     ({"strategy": "hogwild", "ranks_per_node": 1}, 2, "one node"),
     ({"strategy": "bsp-ps", "ps_timeout_s": 0.0}, 3, "ps-timeout-s"),
 ])
@@ -159,8 +159,8 @@ def test_async_trains_digits(tmp_path):
 
 def test_ssp_with_straggler_bounds_staleness(tmp_path):
     run_dir = tmp_path / "ssp"
-    result = run_cli([HPCDL, "train", "-n", "4", "--strategy", "ssp:staleness=2", "--straggler", "0:0.01",
-                      "--epochs", "6", "--lr", "0.1", "--run-dir", str(run_dir), *_DIGITS])
+    result = run_cli([HPCDL, "train", "-n", "4", "--strategy", "ssp:staleness=2", "--push-delay", "0:0.01",
+                      "--epochs", "8", "--lr", "0.05", "--run-dir", str(run_dir), *_DIGITS])
     assert result.returncode == 0, result.stderr
     summary = read_summary(run_dir)
     assert summary["test_accuracy"] >= 0.90
@@ -183,7 +183,7 @@ def test_hogwild_trains_digits(tmp_path):
 
 
 def test_silent_worker_fails_bsp_job(tmp_path):
-    result = run_cli([HPCDL, "train", "-n", "3", "--strategy", "bsp-ps", "--straggler", "1:60",
+    result = run_cli([HPCDL, "train", "-n", "3", "--strategy", "bsp-ps", "--push-delay", "1:60",
                       "--ps-timeout-s", "4", "--steps", "4", "--run-dir", str(tmp_path / "bsp"), *_DIGITS],
                      timeout=120)
     assert result.returncode != 0

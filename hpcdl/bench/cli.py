@@ -144,7 +144,7 @@ def scaling_command(ctx: click.Context, rank_counts: str, weak: bool, batch_size
     """
     from hpcdl.bench import scaling
 
-    flags = list(ctx.args) + (["--straggler-factor", straggler] if straggler else [])
+    flags = list(ctx.args) + (["--straggler", straggler] if straggler else [])
     try:
         counts = scaling.parse_rank_counts(rank_counts)
         for ranks in counts:
@@ -249,7 +249,7 @@ def compare(ctx: click.Context, ranks: int, strategies: str, compressions: str |
     from hpcdl.bench import compare as compare_module
 
     config_file, train_args = _split_config(ctx.args)
-    flags = [*train_args, "--seed", str(seed)] + (["--straggler-factor", straggler] if straggler else [])
+    flags = [*train_args, "--seed", str(seed)] + (["--straggler", straggler] if straggler else [])
     try:
         if repeat < 1:
             raise ConfigError(f"Invalid --repeat {repeat}: it must be at least 1.")

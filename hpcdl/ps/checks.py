@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpcdl.config import TrainConfig, parse_straggler
+from hpcdl.config import TrainConfig, parse_push_delay
 from hpcdl.errors import ConfigError
 from hpcdl.ps.layout import PS_STRATEGIES
 
@@ -26,9 +26,9 @@ def check_ps_config(config: TrainConfig, world_size: int) -> None:
                           f"for {', '.join(PS_STRATEGIES)}. Drop --ps-ranks or pick one of those strategies.")
     if config.ps_timeout_s <= 0:
         raise ConfigError(f"Invalid ps-timeout-s={config.ps_timeout_s}: it must be greater than 0.")
-    straggler = parse_straggler(config.straggler)
-    if straggler is not None and not uses_ps:
-        raise ConfigError(f"Invalid straggler={config.straggler!r}: it delays pushes, so it needs one of "
+    push_delay = parse_push_delay(config.push_delay)
+    if push_delay is not None and not uses_ps:
+        raise ConfigError(f"Invalid push_delay={config.push_delay!r}: it delays pushes, so it needs one of "
                           f"{', '.join(PS_STRATEGIES)}.")
 
     if uses_ps or name == "hogwild":
@@ -44,8 +44,8 @@ def check_ps_config(config: TrainConfig, world_size: int) -> None:
             raise ConfigError(f"Invalid -n {world_size} with ps-ranks={config.ps_ranks}: strategy {name!r} "
                               f"needs at least one worker beside the server ranks. Use -n {config.ps_ranks + 1} "
                               "or more.")
-        if straggler is not None and straggler[0] >= workers:
-            raise ConfigError(f"Invalid straggler={config.straggler!r}: worker {straggler[0]} does not exist; "
+        if push_delay is not None and push_delay[0] >= workers:
+            raise ConfigError(f"Invalid push_delay={config.push_delay!r}: worker {push_delay[0]} does not exist; "
                               f"this job has workers 0 to {workers - 1}.")
     if name == "hogwild" and 0 < config.ranks_per_node < world_size:
         # NOTE: updates across nodes (one-sided accumulate to the owning node) are not built yet.

@@ -11,7 +11,7 @@ import torch
 
 from hpcdl.comm import Communicator
 from hpcdl.compression import Compressor, build_compressor
-from hpcdl.config import parse_straggler
+from hpcdl.config import parse_push_delay
 from hpcdl.ps import protocol as p
 from hpcdl.ps.client import PSClient
 from hpcdl.ps.layout import PSLayout, current_layout
@@ -46,7 +46,7 @@ class ParameterServerStrategy(Strategy):
         staleness_lr: in ``async``, the shard divides the learning rate by each
             push's staleness.
         timeout_s: how long a worker waits for a shard's reply, in seconds.
-        straggler: ``(worker rank, seconds)``: that worker sleeps before each
+        push_delay: ``(worker rank, seconds)``: that worker sleeps before each
             push. A fault-injection aid for tests.
     """
 
@@ -54,7 +54,7 @@ class ParameterServerStrategy(Strategy):
 
     def __init__(self, comm: Communicator, *, mode: str, staleness: int = 0, staleness_lr: bool = False,
                  layout: PSLayout | None = None, timeout_s: float = 120.0,
-                 straggler: tuple[int, float] | None = None,
+                 push_delay: tuple[int, float] | None = None,
                  compressor: Compressor | None = None) -> None:
         super().__init__(comm, compressor=compressor)
         layout = layout or current_layout()
@@ -73,7 +73,7 @@ class ParameterServerStrategy(Strategy):
         self.weight = 1.0 / comm.size
         self.finished = False
         self.final_metrics: dict[str, float] = {}
-        self.straggler = straggler
+        self.push_delay = push_delay
 
     @classmethod
     def from_spec(cls, spec: Spec, comm: Communicator, **options: Any) -> ParameterServerStrategy:
@@ -84,7 +84,7 @@ class ParameterServerStrategy(Strategy):
                    # Longer than the server's own timeout, so that the server's error,
                    # which names the silent worker, ends the job first.
                    timeout_s=2 * float(options.get("ps_timeout_s", 120.0)) + 60.0,
-                   straggler=parse_straggler(options.get("straggler")),
+                   push_delay=parse_push_delay(options.get("push_delay")),
                    compressor=build_compressor(options.get("compression")))
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -111,8 +111,8 @@ class ParameterServerStrategy(Strategy):
     def step(self, closure=None) -> Any:
         """Transform the local gradient, push it, and load the parameters the shards return."""
         assert self.client is not None, "attach() must run first"
-        if self.straggler is not None and self.straggler[0] == self.comm.rank:
-            time.sleep(self.straggler[1])
+        if self.push_delay is not None and self.push_delay[0] == self.comm.rank:
+            time.sleep(self.push_delay[1])
         self._gather_grad()
         self._transform_local_grad()
         if self.mode != "async":
