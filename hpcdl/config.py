@@ -24,6 +24,8 @@ SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 PROGRESS_MODES = ("auto", "bar", "log", "off")
 ALLREDUCE_ALGORITHMS = ("auto", "ring", "mpi", "hierarchical", "horovod")
+# Learning rate of DiLoCo's default inner AdamW when the run sets none.
+DILOCO_INNER_LR = 1e-3
 
 
 @dataclass
@@ -182,6 +184,10 @@ def resolve(config_file: str | Path | None, overrides: dict[str, Any]) -> TrainC
     if config_file is not None:
         values.update(load_toml(config_file))
     values.update({k: v for k, v in normalize(overrides, "the flags").items() if v is not None})
+    if str(values.get("strategy", "")).partition(":")[0] == "diloco" and "optimizer" not in values:
+        # DiLoCo's inner optimizer is AdamW unless the run names another.
+        values["optimizer"] = "adamw"
+        values.setdefault("lr", DILOCO_INNER_LR)
     return TrainConfig(**values)
 
 

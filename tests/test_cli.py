@@ -110,7 +110,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     assert (tmp_path / "summary.json").read_text() == "{}"
 
 
-def test_bad_input_in_a_real_process_starts_no_rank(tmp_path):
+def test_bad_input_starts_no_rank(tmp_path):
     result = run_cli([HPCDL, "train", "-n", "2", "--strategy", "local-sgdd", "--run-dir", str(tmp_path / "r")])
     assert result.returncode == 2
     assert "local-sgdd" in result.stderr
@@ -124,3 +124,20 @@ def test_info_reports_mpi_and_torch():
     assert "MPICH" in result.stdout or "Open MPI" in result.stdout
     assert "torch" in result.stdout
     assert "ring" in result.stdout
+
+
+def test_diloco_defaults_to_adamw():
+    from hpcdl.config import DILOCO_INNER_LR, resolve
+
+    config = resolve(None, {"strategy": "diloco:period=8"})
+    assert config.optimizer == "adamw"
+    assert config.lr == DILOCO_INNER_LR
+
+
+def test_diloco_keeps_named_optimizer():
+    from hpcdl.config import resolve
+
+    config = resolve(None, {"strategy": "diloco:period=8", "optimizer": "sgd", "lr": 0.1})
+    assert config.optimizer == "sgd"
+    assert config.lr == 0.1
+    assert resolve(None, {"strategy": "local-sgd"}).optimizer == "sgd"
