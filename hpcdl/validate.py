@@ -136,4 +136,7 @@ def _check_resume(config: TrainConfig, world_size: int) -> None:
     latest = checkpoint.latest(run_dir)
     if latest is None:
         raise ConfigError(f"Cannot resume {config.resume!r}: it has no complete checkpoint. Start a new run.")
-    checkpoint.verify(latest, world_size)
+    meta = checkpoint.verify(latest, world_size)
+    if config.steps is not None and config.steps <= meta["step"]:
+        raise ConfigError(f"Cannot resume {config.resume!r} to steps={config.steps}: its latest checkpoint is "
+                          f"already at step {meta['step']}. Pass a larger --steps or --epochs.")

@@ -141,3 +141,18 @@ def test_diloco_keeps_named_optimizer():
     assert config.optimizer == "sgd"
     assert config.lr == 0.1
     assert resolve(None, {"strategy": "local-sgd"}).optimizer == "sgd"
+
+
+def test_resume_to_fewer_steps_than_checkpoint(two_rank_run):
+    result = _invoke(["train", "-n", "2", "--resume", str(two_rank_run), "--steps", "8"])
+    assert result.exit_code == 2
+    assert "step 10" in result.output
+
+
+def test_csv_too_small_to_split(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("a,b,label\n1.0,2.0,0\n")
+    result = _invoke(["train", "-n", "2", "--dataset", f"csv:{path}"])
+    assert result.exit_code == 2
+    assert "at least 2" in result.output
+    assert "Traceback" not in result.output

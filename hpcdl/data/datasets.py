@@ -208,7 +208,6 @@ def check_dataset_spec(spec: str) -> None:
         DataError: as ``load_dataset`` would for the same spec.
     """
     name, path = _split_name(spec)
-    if name == "csv":
-        read_csv(path)
-    elif name == "npz":
-        read_npz(path)
+    if name in ("csv", "npz"):
+        # A full load also checks what parsing cannot, such as enough samples to split.
+        load_dataset(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import zipfile
 
@@ -19,6 +20,8 @@ from hpcdl.data.core import (
     reject_options,
     require_file,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _parse_float(cell: str) -> float | None:
@@ -156,6 +159,8 @@ def load_npz(path: str, options: dict) -> Dataset:
         num_classes = None
         task = "regression"
         label_dtype = np.float32
+        log.warning("%s: y is %s, so the task is regression; store integer labels (int64) for "
+                    "classification", path, y.dtype)
         y = y.reshape(len(y), -1)
         if has_test:
             x_train, y_train = x, y
