@@ -82,7 +82,7 @@ class DistributedOptimizer:
     """Wrap a local optimizer so that ``step()`` synchronizes through a strategy.
 
     Users keep their own loop: ``zero_grad()``, ``backward()``, ``step()``. The
-    strategy reduces gradients (or averages parameters) as it prescribes; the
+    strategy reduces gradients (or averages parameters) as it prescribes. The
     gradient transforms (clipping, loss scaling, the non-finite guard) run between
     the reduction and the local optimizer's step. LR schedulers take the wrapped
     optimizer, ``dist_optimizer.optimizer``.
@@ -206,7 +206,7 @@ def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, strategy: 
 
 
 def finish(model: torch.nn.Module, optimizer: DistributedOptimizer) -> None:
-    """End training: every rank then holds bit-identical parameters and buffers.
+    """End training, after which every rank has bit-identical parameters and buffers.
 
     Example:
         >>> hpcdl.finish(model, optimizer)

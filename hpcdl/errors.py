@@ -4,7 +4,7 @@
 class ConfigError(ValueError):
     """Invalid user input: a config value, a spec string, a file or a flag.
 
-    The message names the offending value and says how to fix it. The CLI turns
+    The message names the offending value and how to fix it. The CLI turns
     it into a one-paragraph error with exit status 2 before any rank starts.
     """
 

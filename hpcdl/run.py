@@ -16,7 +16,7 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
 
     Validation is deterministic, so every rank reaches the same verdict: rank 0
     prints the error and all ranks return 2. Any later exception on any rank
-    calls ``MPI_Abort``, which ends every rank of the job within seconds; the log
+    calls ``MPI_Abort``, which ends every rank of the job within seconds. The log
     line names the failing rank, the step and the error.
     """
     from hpcdl.api import init

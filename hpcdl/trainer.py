@@ -262,7 +262,7 @@ class Trainer:
         }
         finite = checkpoint.all_finite(state)
         if self.comm.allreduce_scalars([0.0 if finite else 1.0], op="max")[0] > 0:
-            log.error("checkpoint at step %d not written: a rank holds non-finite values", self.step)
+            log.error("checkpoint at step %d skipped: a rank has non-finite values in its state", self.step)
             return
         checkpoint.save(self.run_dir, self.step, state, self.comm, keep=self.config.keep_checkpoints,
                         extra_meta={"epoch": self.step / self.steps_per_epoch})

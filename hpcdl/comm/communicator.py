@@ -60,7 +60,7 @@ class Communicator:
     Example:
         >>> comm = Communicator()
         >>> grad = torch.ones(1000)
-        >>> comm.allreduce(grad, algorithm="ring")  # grad now holds the sum
+        >>> comm.allreduce(grad, algorithm="ring")  # grad now contains the sum
     """
 
     def __init__(self, comm: MPI.Comm | None = None, *, ranks_per_node: int = 0,

@@ -29,9 +29,9 @@ def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
 def ring_allreduce(comm: MPI.Comm, tensor: torch.Tensor) -> int:
     """Sum ``tensor`` in place across ``comm`` with a ring reduce-scatter and all-gather.
 
-    Each rank sends 2(N-1)/N of the buffer: N-1 steps of reduce-scatter, where a
-    rank adds the chunk it receives from its left neighbour into its own copy, then
-    N-1 steps of all-gather, where the fully reduced chunks travel round the ring.
+    Each rank sends 2(N-1)/N of the buffer. In N-1 steps of reduce-scatter, a rank
+    adds the chunk it receives from its left neighbour into its own copy. In N-1
+    steps of all-gather, the fully reduced chunks then travel round the ring.
     Every rank ends with the same bytes, because each chunk is copied from the one
     rank that reduced it.
 
@@ -55,7 +55,7 @@ def ring_allreduce(comm: MPI.Comm, tensor: torch.Tensor) -> int:
     scratch = torch.empty(largest, dtype=flat.dtype)
     sent = 0
 
-    # Reduce-scatter: after N-1 steps this rank holds the sum of chunk rank+1.
+    # Reduce-scatter: after N-1 steps this rank has the full sum of chunk rank+1.
     for step in range(size - 1):
         send_start, send_stop = bounds[(rank - step) % size]
         recv_start, recv_stop = bounds[(rank - step - 1) % size]

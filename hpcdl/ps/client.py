@@ -105,30 +105,27 @@ class PSClient:
 
     def stats(self) -> list[torch.Tensor]:
         """Return each shard's statistics vector: pushes, elapsed_s, rejected, version, histograms."""
-        out = []
-        for shard, server in enumerate(self.servers):
-            header = torch.empty(p.REPLY_FIELDS, dtype=torch.float64)
-            request = self.comm.irecv(header, source=server, tag=p.TAG_REPLY)
-            self.comm.send(p.make_header(p.Kind.STATS, shard, self.rank), server, tag=p.TAG_REQUEST)
-            self._wait([request], p.Kind.STATS)
-            stats = torch.empty(int(header[p.R_NUMEL]), dtype=torch.float64)
-            self._wait([self.comm.irecv(stats, source=server, tag=p.TAG_REPLY_DATA)], p.Kind.STATS)
-            out.append(stats)
-        return out
+        return [self._query(shard, server, p.Kind.STATS, torch.float64)
+                for shard, server in enumerate(self.servers)]
 
     def get_state(self) -> list[dict[str, Any]]:
         """Return every shard's parameters, optimizer state and counters, for a checkpoint."""
         out = []
         for shard, server in enumerate(self.servers):
-            header = torch.empty(p.REPLY_FIELDS, dtype=torch.float64)
-            request = self.comm.irecv(header, source=server, tag=p.TAG_REPLY)
-            self.comm.send(p.make_header(p.Kind.STATE_GET, shard, self.rank), server, tag=p.TAG_REQUEST)
-            self._wait([request], p.Kind.STATE_GET)
-            flat = torch.empty(int(header[p.R_NUMEL]), dtype=p.PAYLOAD_DTYPE)
-            self._wait([self.comm.irecv(flat, source=server, tag=p.TAG_REPLY_DATA)], p.Kind.STATE_GET)
+            flat = self._query(shard, server, p.Kind.STATE_GET, p.PAYLOAD_DTYPE)
             meta = self.comm.comm.recv(source=server, tag=p.TAG_CONTROL)
             out.append({"flat": flat, "meta": meta})
         return out
+
+    def _query(self, shard: int, server: int, kind: p.Kind, dtype: torch.dtype) -> torch.Tensor:
+        """Send a header-only request to one shard and receive its reply payload."""
+        header = torch.empty(p.REPLY_FIELDS, dtype=torch.float64)
+        request = self.comm.irecv(header, source=server, tag=p.TAG_REPLY)
+        self.comm.send(p.make_header(kind, shard, self.rank), server, tag=p.TAG_REQUEST)
+        self._wait([request], kind)
+        payload = torch.empty(int(header[p.R_NUMEL]), dtype=dtype)
+        self._wait([self.comm.irecv(payload, source=server, tag=p.TAG_REPLY_DATA)], kind)
+        return payload
 
     def set_state(self, shards: list[dict[str, Any]]) -> None:
         """Restore what ``get_state`` returned (first worker only)."""

@@ -22,7 +22,7 @@ STRATEGY_PARAMS: dict[str, dict[str, Param]] = {
     "hogwild": {},
 }
 
-# Where each strategy's class lives, imported only when a run uses it.
+# Module and class of each strategy, imported only when a run uses it.
 STRATEGY_CLASSES: dict[str, str] = {
     "allreduce": "hpcdl.strategies.allreduce:AllreduceStrategy",
     "local-sgd": "hpcdl.strategies.local_sgd:LocalSGDStrategy",

@@ -18,9 +18,9 @@ class AllreduceStrategy(Strategy):
 
     Gradients are fused into buckets that are all-reduced while backward is still
     running. Each rank scales its gradients by its share of the step's samples
-    before the sum, so a step where ranks hold different numbers of samples (the
-    short last batch of an epoch) gives exactly the single-process update over the
-    global batch.
+    before the sum. A step where ranks have different numbers of samples, such as
+    the short last batch of an epoch, therefore gives exactly the single-process
+    update over the global batch.
 
     Args:
         comm: the data-parallel communicator.
