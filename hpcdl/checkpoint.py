@@ -94,7 +94,7 @@ def rank_file(directory: Path, rank: int) -> Path:
 
 
 def save(run_dir: Path, step: int, state: dict[str, Any], comm, *, keep: int = 2,
-         extra_meta: dict[str, Any] | None = None) -> Path:
+         extra_meta: dict[str, Any] | None = None, world_size: int | None = None) -> Path:
     """Write this rank's ``state`` into the checkpoint for ``step``; collective.
 
     Args:
@@ -104,6 +104,8 @@ def save(run_dir: Path, step: int, state: dict[str, Any], comm, *, keep: int = 2
         comm: the world ``Communicator``; every rank must call this.
         keep: how many checkpoints to keep; older ones are removed.
         extra_meta: JSON values added to ``meta.json`` (epoch, config digest).
+        world_size: the job's rank count, recorded for resume checks, when it
+            differs from ``comm.size`` (one writer for every rank's state).
 
     Returns:
         The final checkpoint directory.
@@ -124,7 +126,7 @@ def save(run_dir: Path, step: int, state: dict[str, Any], comm, *, keep: int = 2
     comm.barrier()
 
     if comm.rank == 0:
-        meta = {"format": FORMAT_VERSION, "step": step, "world_size": comm.size,
+        meta = {"format": FORMAT_VERSION, "step": step, "world_size": world_size or comm.size,
                 "files": {rank_file(tmp, r).name: _sha256(rank_file(tmp, r)) for r in range(comm.size)}}
         meta.update(extra_meta or {})
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))

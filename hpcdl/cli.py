@@ -137,7 +137,9 @@ def train(config_file: str | None, ranks: int | None, launched: bool, **flags: A
         config_path = _prepare_run_dir(config)
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
-    sys.exit(launch.launch(ranks, ["train", str(config_path), "--launched"]))
+    # Asynchronous workers run on when one of them dies.
+    keep_going = config.strategy.partition(":")[0].strip() == "async"
+    sys.exit(launch.launch(ranks, ["train", str(config_path), "--launched"], keep_going=keep_going))
 
 
 def _resolve_config(config_file: str | None, flags: dict[str, Any]):

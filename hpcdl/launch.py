@@ -50,13 +50,31 @@ def find_mpiexec() -> str:
     return found
 
 
-def launch(ranks: int, args: list[str]) -> int:
+def is_hydra(mpiexec: str) -> bool:
+    """Return True when ``mpiexec`` is MPICH's Hydra process manager."""
+    try:
+        result = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "HYDRA" in result.stdout
+
+
+def launch(ranks: int, args: list[str], *, keep_going: bool = False) -> int:
     """Run ``python -m hpcdl ARGS`` on ``ranks`` local MPI ranks and return the exit status.
 
     Ctrl-C is passed on to ``mpiexec``, which stops every rank.
+
+    Args:
+        keep_going: let the other ranks run on when one exits on its own (Hydra's
+            ``-disable-auto-cleanup``). ``MPI_Abort`` still ends every rank.
     """
     mpiexec = find_mpiexec()
     command = [mpiexec, "-n", str(ranks), sys.executable, "-m", "hpcdl", *args]
+    if keep_going:
+        if is_hydra(mpiexec):
+            command[1:1] = ["-disable-auto-cleanup"]
+        else:
+            log.warning("%s is not MPICH's Hydra: a worker that dies may end the whole job", mpiexec)
     env = dict(os.environ)
     if sys.stderr.isatty():
         # Ranks see pipes, not the user's terminal; tell rank 0 a terminal is there.

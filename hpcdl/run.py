@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from hpcdl.config import TrainConfig
@@ -51,8 +52,9 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
         elif uses_parameter_server(config.strategy):
             # Server ranks serve until every worker finishes; workers train on
             # their own communicator, so data, evaluation and summaries see only them.
-            worker_comm = start_ps_job(ctx.comm, config)
+            worker_comm, lost = start_ps_job(ctx.comm, config)
             if worker_comm is None:
+                _exit_if_peers_lost(lost)
                 return 0
             trainer = Trainer(config, comm=worker_comm)
         else:
@@ -60,15 +62,47 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
         summary = trainer.fit()
     except BaseException as exc:  # noqa: BLE001 - every failure must end the whole job
         step = trainer.step if trainer is not None else "set-up"
-        log.error("rank %d failed at step %s: %s: %s", ctx.rank, step, type(exc).__name__, exc,
+        who = f"rank {ctx.rank}"
+        if trainer is not None and trainer.comm.size != ctx.size:
+            who += f" (worker {trainer.comm.rank})"
+        log.error("%s failed at step %s: %s: %s", who, step, type(exc).__name__, exc,
                   exc_info=not isinstance(exc, KeyboardInterrupt))
+        if _others_go_on(trainer, exc):
+            log.error("rank %d leaves the job; the other workers go on without it", ctx.rank)
+            _exit_now(1)
         sys.stderr.flush()
         ctx.comm.comm.Abort(1)
         return 1
 
     if getattr(trainer, "is_root", ctx.rank == 0):
         _print_summary(summary)
+    _exit_if_peers_lost(int(summary.get("lost_workers", 0)))
     return 0
+
+
+def _others_go_on(trainer, exc: BaseException) -> bool:
+    """Return True when this rank may fail alone: an independent worker other than worker 0.
+
+    Worker 0 writes the run's outputs and checkpoints, so its failure ends the
+    job, and so does Ctrl-C, which reaches every rank.
+    """
+    if trainer is None or isinstance(exc, KeyboardInterrupt):
+        return False
+    return bool(getattr(trainer, "independent", False)) and not trainer.is_root
+
+
+def _exit_if_peers_lost(lost: int) -> None:
+    """Leave without ``MPI_Finalize`` when a worker died: finalizing would wait for it forever."""
+    if lost > 0:
+        log.warning("%d worker(s) were lost during the run; leaving without MPI_Finalize", lost)
+        _exit_now(0)
+
+
+def _exit_now(status: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _print_summary(summary: dict) -> None:
@@ -93,11 +127,12 @@ def run_server_rank() -> int:
 
     ctx = init()
     try:
-        start_job(ctx.comm, None)
+        _, lost = start_job(ctx.comm, None)
     except BaseException as exc:  # noqa: BLE001 - every failure must end the whole job
         log.error("parameter-server rank %d failed: %s: %s", ctx.rank, type(exc).__name__, exc,
                   exc_info=not isinstance(exc, KeyboardInterrupt))
         sys.stderr.flush()
         ctx.comm.comm.Abort(1)
         return 1
+    _exit_if_peers_lost(lost)
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mpi4py import MPI
 from safetensors.torch import save_model
 
 from hpcdl import checkpoint
@@ -72,6 +73,10 @@ class Trainer:
             max_skipped_steps=config.max_skipped_steps, ps_timeout_s=config.ps_timeout_s,
             push_delay=config.push_delay)
         self.loss_fn = loss_function(self.data.task)
+        # Workers that never wait for each other (async) share no collective after
+        # set-up: worker 0 alone evaluates, logs and writes checkpoints.
+        self.independent = self.optimizer.strategy.independent_workers
+        self.eval_comm = Communicator(MPI.COMM_SELF) if self.independent else self.comm
 
         self.sampler = GlobalBatchSampler(len(self.data.x_train), config.batch_size, self.comm.rank,
                                           self.comm.size, seed=config.seed)
@@ -109,10 +114,13 @@ class Trainer:
         if directory is None:
             raise FileNotFoundError(f"no checkpoint in {run_dir}")
         checkpoint.verify(directory, self.comm.size)
-        state = checkpoint.load(directory, self.comm.rank)
+        # Independent workers resume from worker 0's state, the only one saved.
+        state = checkpoint.load(directory, 0 if self.independent else self.comm.rank)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if self.independent and not self.is_root:
+            torch.manual_seed(self.config.seed + 1_000_003 * self.comm.rank + int(state["trainer"]["step"]))
         trainer = state["trainer"]
         self.step = int(trainer["step"])
         self.samples = int(trainer["samples"])
@@ -136,8 +144,9 @@ class Trainer:
         start = time.perf_counter() - self.elapsed_s
         start_samples = self.samples
         window = [0.0, 0.0]
+        saved_step = self.step if config.resume else None
         try:
-            while self.step < self.total_steps:
+            while self._progress() < self.total_steps:
                 step_start = time.perf_counter()
                 loss_sum, count = self._train_step()
                 self.train_time_s += time.perf_counter() - step_start
@@ -148,19 +157,24 @@ class Trainer:
                 self.elapsed_s = time.perf_counter() - start
 
                 end_of_epoch = self.step % self.steps_per_epoch == 0
-                if end_of_epoch:
-                    _, self.last_accuracy = evaluate(self.model, self.data, self.comm,
+                leader = self.is_root or not self.independent
+                if end_of_epoch and leader:
+                    _, self.last_accuracy = evaluate(self.model, self.data, self.eval_comm,
                                                      batch_size=config.eval_batch_size)
-                if self.step % config.log_every == 0 or end_of_epoch or self.step == self.total_steps:
+                last = self._progress() >= self.total_steps
+                if leader and (self.step % config.log_every == 0 or end_of_epoch or last):
                     record = self._log_record(window)
-                    record.update(self.optimizer.strategy.metrics())
                     metrics.log(record)
-                    progress.update(self.step, self._progress_fields(record, start_samples))
+                    progress.update(self._progress(), self._progress_fields(record, start_samples))
                     window = [0.0, 0.0]
-                if self._checkpoint_due(end_of_epoch):
+                if leader and self._checkpoint_due(end_of_epoch, last):
                     self._save_checkpoint()
-                if end_of_epoch and self.step < self.total_steps:
+                    saved_step = self.step
+                if end_of_epoch and not last:
                     self.epoch_loss = [0.0, 0.0]
+            if self.independent and self.is_root and saved_step != self.step:
+                # Worker 0's last local step need not fall on the run's last step.
+                self._save_checkpoint()
         finally:
             progress.close()
             metrics.close()
@@ -175,7 +189,8 @@ class Trainer:
 
         indices = self.sampler.indices(epoch, step_in_epoch)
         global_samples = self.sampler.samples_in_step(step_in_epoch)
-        set_learning_rate(self.optimizer, learning_rate(self.config, self.step, self.total_steps))
+        progress = min(self._progress(), self.total_steps - 1)
+        set_learning_rate(self.optimizer, learning_rate(self.config, progress, self.total_steps))
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.set_sample_count(len(indices), global_samples)
 
@@ -199,8 +214,17 @@ class Trainer:
 
         self.optimizer.step()
         self.step += 1
-        self.samples += global_samples
+        if self.independent:
+            # Workers step at their own pace; the job's samples follow its progress.
+            self.samples = self._progress() * self.sampler.global_batch_size
+        else:
+            self.samples += global_samples
         return loss_sum, len(indices)
+
+    def _progress(self) -> int:
+        """Steps the job has done: this rank's, or the strategy's count where ranks step independently."""
+        progress = self.optimizer.strategy.progress_steps()
+        return self.step if progress is None else progress
 
     def _straggle(self, compute_s: float) -> None:
         # Fault injection: this rank's forward and backward take FACTOR times as long.
@@ -223,11 +247,18 @@ class Trainer:
     # Logging, checkpoints, outputs
 
     def _log_record(self, window: list[float]) -> dict[str, Any]:
-        loss_sum, count, sent = self.comm.allreduce_scalars([window[0], window[1], self.comm.bytes_sent])
+        strategy_metrics = self.optimizer.strategy.metrics()
+        if self.independent:
+            # No collective: the loss is worker 0's, the bytes are what the shards received.
+            loss_sum, count = window
+            sent = strategy_metrics.get("ps_bytes_received", self.comm.bytes_sent)
+        else:
+            loss_sum, count, sent = self.comm.allreduce_scalars([window[0], window[1], self.comm.bytes_sent])
         self.last_comm_bytes = int(sent)
-        return {
-            "step": self.step,
-            "epoch": round(self.step / self.steps_per_epoch, 4),
+        progress = self._progress()
+        record = {
+            "step": progress,
+            "epoch": round(progress / self.steps_per_epoch, 4),
             "loss": float(loss_sum / count) if count else None,
             "lr": self.optimizer.param_groups[0]["lr"],
             "samples": self.samples,
@@ -236,6 +267,8 @@ class Trainer:
             "test_accuracy": self.last_accuracy,
             "skipped_steps": self.optimizer.strategy.skipped_steps,
         }
+        record.update(strategy_metrics)
+        return record
 
     def _progress_fields(self, record: dict[str, Any], start_samples: int) -> dict[str, str]:
         rate = (self.samples - start_samples) / max(self.train_time_s, 1e-9)
@@ -246,11 +279,11 @@ class Trainer:
         fields["sent"] = f"{record['comm_bytes'] / 1e6:.1f}MB"
         return fields
 
-    def _checkpoint_due(self, end_of_epoch: bool) -> bool:
+    def _checkpoint_due(self, end_of_epoch: bool, last: bool) -> bool:
         every = self.config.checkpoint_every
         if every > 0:
-            return self.step % every == 0 or self.step == self.total_steps
-        return end_of_epoch or self.step == self.total_steps
+            return self.step % every == 0 or last
+        return end_of_epoch or last
 
     def _save_checkpoint(self) -> None:
         state = {
@@ -261,25 +294,38 @@ class Trainer:
                         "epoch_loss": list(self.epoch_loss), "bytes_sent": self.comm.bytes_sent},
         }
         finite = checkpoint.all_finite(state)
-        if self.comm.allreduce_scalars([0.0 if finite else 1.0], op="max")[0] > 0:
+        if not self.independent:
+            finite = self.comm.allreduce_scalars([0.0 if finite else 1.0], op="max")[0] == 0
+        if not finite:
             log.error("checkpoint at step %d skipped: a rank has non-finite values in its state", self.step)
             return
-        checkpoint.save(self.run_dir, self.step, state, self.comm, keep=self.config.keep_checkpoints,
-                        extra_meta={"epoch": self.step / self.steps_per_epoch})
+        # Independent workers: worker 0 writes the one state file that every worker resumes from.
+        checkpoint.save(self.run_dir, self.step, state, self.eval_comm, keep=self.config.keep_checkpoints,
+                        extra_meta={"epoch": self.step / self.steps_per_epoch}, world_size=self.comm.size)
 
     def _finish_run(self, start_samples: int) -> dict[str, Any]:
-        test_loss, test_accuracy = evaluate(self.model, self.data, self.comm,
-                                            batch_size=self.config.eval_batch_size)
-        loss_sum, count = self.comm.allreduce_scalars(self.epoch_loss)
-        comm_bytes = int(self.comm.allreduce_scalars([self.comm.bytes_sent])[0])
+        strategy_metrics = self.optimizer.strategy.metrics()
+        if self.independent:
+            # Every worker holds the final model; worker 0 alone evaluates and reports.
+            test_loss, test_accuracy = (evaluate(self.model, self.data, self.eval_comm,
+                                                 batch_size=self.config.eval_batch_size)
+                                        if self.is_root else (float("nan"), None))
+            loss_sum, count = self.epoch_loss
+            comm_bytes = int(strategy_metrics.get("ps_bytes_received", self.comm.bytes_sent))
+        else:
+            test_loss, test_accuracy = evaluate(self.model, self.data, self.comm,
+                                                batch_size=self.config.eval_batch_size)
+            loss_sum, count = self.comm.allreduce_scalars(self.epoch_loss)
+            comm_bytes = int(self.comm.allreduce_scalars([self.comm.bytes_sent])[0])
         run_samples = self.samples - start_samples
+        steps = self._progress()
         summary = {
             "strategy": self.config.strategy,
             "compression": self.config.compression,
             "world_size": self.comm.size,
-            "steps": self.step,
+            "steps": steps,
             "samples": self.samples,
-            "epochs": round(self.step / self.steps_per_epoch, 4),
+            "epochs": round(steps / self.steps_per_epoch, 4),
             "wall_time_s": round(self.elapsed_s, 4),
             "samples_per_s": run_samples / max(self.train_time_s, 1e-9),
             "train_time_s": round(self.train_time_s, 4),
@@ -287,17 +333,18 @@ class Trainer:
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
             "comm_bytes": comm_bytes,
-            "comm_bytes_per_step": comm_bytes / max(self.step, 1),
+            "comm_bytes_per_step": comm_bytes / max(steps, 1),
             "skipped_steps": self.optimizer.strategy.skipped_steps,
             "model": self.config.model,
             "dataset": self.config.dataset,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "run_dir": str(self.run_dir),
         }
-        summary.update(self.optimizer.strategy.metrics())
+        summary.update(strategy_metrics)
         if self.is_root:
             save_model(self.model, str(self.run_dir / "model.safetensors"))
             write_summary(self.run_dir / "summary.json", summary)
-        log.info("finished: test_accuracy=%s test_loss=%.4f samples/s=%.0f comm_bytes=%d",
-                 test_accuracy, test_loss, summary["samples_per_s"], comm_bytes)
+        if self.is_root or not self.independent:
+            log.info("finished: test_accuracy=%s test_loss=%.4f samples/s=%.0f comm_bytes=%d",
+                     test_accuracy, test_loss, summary["samples_per_s"], comm_bytes)
         return summary

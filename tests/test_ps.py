@@ -150,11 +150,31 @@ def test_async_trains_digits(tmp_path):
     summary = read_summary(run_dir)
     assert summary["world_size"] == 3
     assert summary["test_accuracy"] >= 0.90
-    assert summary["pushes"] == 3 * summary["steps"]
+    # The run ends once the shard has applied steps x workers pushes; workers
+    # still in flight then may each add one more.
+    assert 3 * summary["steps"] <= summary["pushes"] < 3 * summary["steps"] + 3
     assert summary["pushes_per_s"] > 0
     for key in ("staleness_mean", "staleness_p50", "staleness_p99", "staleness_max"):
         assert key in summary
     assert all("staleness_max" in record for record in _metrics(run_dir))
+
+
+def test_async_worker_killed_mid_run_others_finish(tmp_path):
+    run_dir = tmp_path / "async-lost"
+    # Worker 2 (world rank 3) dies at its step 6 without a word to anyone.
+    result = run_cli([HPCDL, "train", "-n", "4", "--strategy", "async", "--epochs", "3", "--lr", "0.08",
+                      "--momentum", "0.5", "--fail-at", "2:6", "--ps-timeout-s", "5",
+                      "--run-dir", str(run_dir), *_DIGITS], timeout=300)
+    # The job reports the dead worker in its exit status, after the others finished.
+    assert result.returncode != 0
+    assert "rank 3 (worker 2) failed at step 6" in result.stderr
+    assert "the other workers go on without it" in result.stderr
+    summary = read_summary(run_dir)
+    assert summary["lost_workers"] == 1
+    # The two survivors did the dead worker's share of the pushes.
+    assert summary["pushes"] >= 3 * summary["steps"]
+    assert summary["test_accuracy"] >= 0.85
+    assert (run_dir / "model.safetensors").is_file()
 
 
 def test_ssp_with_straggler_bounds_staleness(tmp_path):

@@ -104,7 +104,7 @@ class PSClient:
         self.versions = [int(reply[p.R_VERSION]) for reply in replies]
 
     def stats(self) -> list[torch.Tensor]:
-        """Return each shard's statistics vector: pushes, elapsed_s, rejected, version, histograms."""
+        """Return each shard's statistics vector (see ``protocol.STATS_FIELDS``)."""
         return [self._query(shard, server, p.Kind.STATS, torch.float64)
                 for shard, server in enumerate(self.servers)]
 
@@ -143,6 +143,21 @@ class PSClient:
                 raise p.ParameterServerError(f"shard {shard} rejected the checkpoint state")
             self.versions[shard] = int(state["meta"]["version"])
 
-    def done(self) -> None:
-        """Tell every shard that this worker sends nothing more."""
-        self.request(p.Kind.DONE)
+    def finish(self, flat_params: torch.Tensor) -> list[torch.Tensor]:
+        """Tell every shard this worker is done; receive its final parameters and statistics.
+
+        Each shard replies once every worker still alive is done, so the call
+        returns the same parameters on every worker. Returns each shard's
+        statistics vector (see ``protocol.STATS_FIELDS``).
+        """
+        stats = [torch.empty(p.STATS_FIELDS, dtype=torch.float64) for _ in self.servers]
+        stats_requests = [self.comm.irecv(vector, source=server, tag=p.TAG_REPLY_STATS)
+                          for vector, server in zip(stats, self.servers)]
+        replies = self.request(p.Kind.DONE, receive=flat_params)
+        self._wait(stats_requests, p.Kind.DONE)
+        self.versions = [int(reply[p.R_VERSION]) for reply in replies]
+        return stats
+
+    def done(self) -> list[torch.Tensor]:
+        """Finish without keeping the final parameters; return each shard's statistics."""
+        return self.finish(torch.empty(self.bounds[-1][1], dtype=p.PAYLOAD_DTYPE))

@@ -3,7 +3,8 @@
 Every request is a fixed-size float64 header (``HEADER_FIELDS``) on ``TAG_REQUEST``,
 followed for requests that carry tensor data by one float32 payload on
 ``TAG_REQUEST_DATA``. Every request gets a reply header on ``TAG_REPLY``, and
-replies that carry tensor data send one payload on ``TAG_REPLY_DATA``. Headers and
+replies that carry tensor data send one payload on ``TAG_REPLY_DATA``. The reply
+to DONE also sends the shard's statistics vector on ``TAG_REPLY_STATS``. Headers and
 payloads travel through MPI buffer methods; nothing on the tensor path is pickled.
 Integer fields travel as float64, which represents every integer up to 2**53 exactly.
 """
@@ -23,6 +24,7 @@ TAG_REQUEST_DATA = 7102
 TAG_REPLY = 7103
 TAG_REPLY_DATA = 7104
 TAG_CONTROL = 7105
+TAG_REPLY_STATS = 7106
 
 # Header fields, by index.
 KIND, SHARD, DTYPE, NUMEL, NBYTES, VERSION, WORKER, CLOCK, LR = range(9)
@@ -36,6 +38,12 @@ REPLY_FIELDS = 4
 # Staleness and clock-gap histograms have this many bins; the last one counts
 # every value at or above it.
 HISTOGRAM_BINS = 256
+
+# A shard's statistics vector (float64): these scalars, then the staleness
+# histogram, then the clock-gap histogram.
+S_PUSHES, S_ELAPSED_S, S_REJECTED, S_VERSION, S_BYTES_RECEIVED, S_LOST_WORKERS = range(6)
+STATS_SCALARS = 6
+STATS_FIELDS = STATS_SCALARS + 2 * HISTOGRAM_BINS
 
 # The one parameter dtype the server stores; the code travels in the DTYPE field.
 DTYPE_CODES = {torch.float32: 1}
@@ -51,7 +59,8 @@ class Kind(IntEnum):
     STATS = 4       # reply with pushes, elapsed time and histograms (float64 payload)
     STATE_GET = 5   # reply with parameters and optimizer state for a checkpoint
     STATE_SET = 6   # restore parameters and optimizer state from a checkpoint
-    DONE = 7        # this worker sends nothing more
+    DONE = 7        # this worker is done; reply with the final parameters and statistics
+                    # once every worker still alive is done too
 
 
 class Status(IntEnum):

@@ -27,11 +27,12 @@ def server_settings(config: TrainConfig) -> ServerSettings:
                           nesterov=config.nesterov, weight_decay=config.weight_decay)
 
 
-def start_job(world: Communicator, config: TrainConfig | None) -> Communicator | None:
+def start_job(world: Communicator, config: TrainConfig | None) -> tuple[Communicator | None, int]:
     """Assign roles on every rank; serve on server ranks and return the worker communicator elsewhere.
 
     ``config`` is None on ranks started as ``hpcdl ps``; they receive the first
-    worker's config. A server rank returns None after every worker has finished.
+    worker's config. Returns ``(worker communicator, 0)`` on a worker, and
+    ``(None, workers lost)`` on a server rank once every worker has finished.
     """
     # NOTE: when the training ranks of an MPMD job reject their config, they exit
     # before this collective, and 'hpcdl ps' ranks wait here until the launcher stops them.
@@ -40,15 +41,14 @@ def start_job(world: Communicator, config: TrainConfig | None) -> Communicator |
     if layout.is_server:
         source = layout.worker_ranks[0]
         received = layout.comm.comm.recv(source=source, tag=p.TAG_CONTROL)
-        serve(layout, TrainConfig(**received))
-        return None
+        return None, serve(layout, TrainConfig(**received))
     if layout.comm.rank == layout.worker_ranks[0]:
         for server in layout.server_ranks:
             layout.comm.comm.send(config.to_dict(), dest=server, tag=p.TAG_CONTROL)
-    return layout.worker_comm
+    return layout.worker_comm, 0
 
 
-def serve(layout: PSLayout, config: TrainConfig) -> None:
-    """Run this rank's shard until every worker has finished."""
+def serve(layout: PSLayout, config: TrainConfig) -> int:
+    """Run this rank's shard until every worker has finished; return the number of workers lost."""
     shard = layout.server_ranks.index(layout.comm.rank)
-    ShardServer(layout.comm, shard, layout.worker_ranks, server_settings(config)).serve()
+    return ShardServer(layout.comm, shard, layout.worker_ranks, server_settings(config)).serve()

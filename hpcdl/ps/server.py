@@ -33,8 +33,9 @@ class ServerSettings:
         mode: ``async``, ``ssp`` or ``bsp``.
         staleness: the ``ssp`` bound in clocks.
         staleness_lr: in ``async``, divide the learning rate by the push's staleness.
-        timeout_s: in ``ssp`` and ``bsp``, fail the job when a worker that has not
-            finished sends nothing for this long.
+        timeout_s: how long a worker that has not finished may send nothing. In
+            ``ssp`` and ``bsp`` the job then fails; in ``async`` the shard counts the
+            worker as lost and serves the others without it.
     """
 
     mode: str
@@ -54,6 +55,10 @@ class ShardServer:
     interleave and none is lost. A request that fails validation is logged and
     rejected with an error status sent to its sender, and the shard keeps serving.
 
+    DONE is answered only when every worker is done or lost, with the final
+    parameters and the shard's statistics, so that all workers finish with the
+    same model without meeting in a collective.
+
     Args:
         comm: the communicator that carries parameter-server traffic.
         shard: this shard's index.
@@ -72,8 +77,11 @@ class ShardServer:
         self.version = 0
         self.clocks = {w: 0 for w in self.workers}
         self.done: set[int] = set()
+        self.lost: set[int] = set()
+        self.bytes_received = 0
         self.last_seen = {w: time.monotonic() for w in self.workers}
         self.pending_pulls: list[int] = []
+        self.finish_sent = False
         self.round_sum: torch.Tensor | None = None
         self.round_count = 0
         self.round_lr = 0.0
@@ -86,18 +94,19 @@ class ShardServer:
 
     # The loop
 
-    def serve(self) -> None:
-        """Handle requests until every worker has sent DONE."""
+    def serve(self) -> int:
+        """Handle requests until every worker has sent DONE or is lost; return the number lost."""
         log.info("shard %d serving %d workers in %s mode", self.shard, len(self.workers), self.settings.mode)
         status = MPI.Status()
-        while len(self.done) < len(self.workers):
+        while len(self.done | self.lost) < len(self.workers) or not self.finish_sent:
             if self.comm.comm.Iprobe(MPI.ANY_SOURCE, p.TAG_REQUEST, status):
                 self._handle(status.Get_source(), status.Get_count(MPI.BYTE))
             else:
                 self._check_timeouts()
                 time.sleep(_IDLE_SLEEP_S)
-        log.info("shard %d finished: version %d, %d pushes, %d rejected requests",
-                 self.shard, self.version, self.pushes, self.rejected)
+        log.info("shard %d finished: version %d, %d pushes, %d rejected requests, %d workers lost",
+                 self.shard, self.version, self.pushes, self.rejected, len(self.lost))
+        return len(self.lost)
 
     def _handle(self, source: int, header_nbytes: int) -> None:
         if source in self.last_seen:
@@ -110,6 +119,7 @@ class ShardServer:
             return
         raw = torch.empty(header_nbytes // 8, dtype=torch.float64)
         self.comm.recv(raw, source=source, tag=p.TAG_REQUEST)
+        self.bytes_received += header_nbytes
         header = raw.tolist()
 
         payload = None
@@ -139,9 +149,9 @@ class ShardServer:
             self._load_state(source)
         elif kind == p.Kind.DONE:
             self.done.add(source)
-            self._reply(source, p.Status.OK)
-            self._release_pulls()
             log.info("shard %d: worker rank %d finished at clock %d", self.shard, source, self.clocks[source])
+            self._release_pulls()
+            self._maybe_finish()
 
     def _receive_payload(self, source: int) -> tuple[torch.Tensor, int] | None:
         """Receive the payload that follows a header; return (float32 tensor, byte length)."""
@@ -152,6 +162,7 @@ class ShardServer:
                 return None
             time.sleep(_IDLE_SLEEP_S)
         nbytes = status.Get_count(MPI.BYTE)
+        self.bytes_received += nbytes
         if nbytes % 4 or (self.params is not None and nbytes != self.params.numel() * 4):
             scratch = bytearray(nbytes)
             self.comm.comm.Recv([scratch, MPI.BYTE], source=source, tag=p.TAG_REQUEST_DATA)
@@ -165,7 +176,7 @@ class ShardServer:
                            version=self.version, worker_ranks=frozenset(self.workers),
                            init_rank=self.workers[0],
                            next_clock={w: c + 1 for w, c in self.clocks.items()},
-                           done=frozenset(self.done))
+                           done=frozenset(self.done | self.lost))
 
     # Requests
 
@@ -211,7 +222,7 @@ class ShardServer:
 
     def _maybe_close_round(self) -> None:
         """Apply the summed round once every unfinished worker has pushed this clock."""
-        live = [w for w in self.workers if w not in self.done]
+        live = self._live()
         if self.round_sum is None or self.round_count < len(live):
             return
         self.optimizer.step(self.round_sum, self.round_lr)
@@ -223,7 +234,7 @@ class ShardServer:
         """Reply to every pending pull whose worker may proceed under the mode's bound."""
         if self.settings.mode == "bsp":
             self._maybe_close_round()
-        live_clocks = [self.clocks[w] for w in self.workers if w not in self.done]
+        live_clocks = [self.clocks[w] for w in self._live()]
         slowest = min(live_clocks) if live_clocks else 0
         still_waiting = []
         for worker in self.pending_pulls:
@@ -248,13 +259,32 @@ class ShardServer:
         self._reply(dest, p.Status.OK, self.params.numel())
         self.comm.send(self.params, dest, tag=p.TAG_REPLY_DATA)
 
-    def _reply_stats(self, dest: int) -> None:
+    def _stats(self) -> torch.Tensor:
         # Seconds from the first push to the last, so set-up and idle time do not count.
         elapsed_s = (self.last_push_time - self.first_push_time) if self.first_push_time is not None else 0.0
-        stats = torch.cat([torch.tensor([self.pushes, elapsed_s, self.rejected, self.version], dtype=torch.float64),
-                           self.staleness_counts, self.clock_gap_counts])
+        scalars = [0.0] * p.STATS_SCALARS
+        scalars[p.S_PUSHES] = self.pushes
+        scalars[p.S_ELAPSED_S] = elapsed_s
+        scalars[p.S_REJECTED] = self.rejected
+        scalars[p.S_VERSION] = self.version
+        scalars[p.S_BYTES_RECEIVED] = self.bytes_received
+        scalars[p.S_LOST_WORKERS] = len(self.lost)
+        return torch.cat([torch.tensor(scalars, dtype=torch.float64), self.staleness_counts, self.clock_gap_counts])
+
+    def _reply_stats(self, dest: int) -> None:
+        stats = self._stats()
         self._reply(dest, p.Status.OK, stats.numel())
         self.comm.send(stats, dest, tag=p.TAG_REPLY_DATA)
+
+    def _maybe_finish(self) -> None:
+        """Once every worker is done or lost, send each done worker the final parameters and statistics."""
+        if self.finish_sent or len(self.done | self.lost) < len(self.workers):
+            return
+        stats = self._stats()
+        for worker in sorted(self.done):
+            self._reply_params(worker)
+            self.comm.send(stats, worker, tag=p.TAG_REPLY_STATS)
+        self.finish_sent = True
 
     def _reply_state(self, dest: int) -> None:
         flat, meta = self.optimizer.state_flat()
@@ -292,15 +322,27 @@ class ShardServer:
     def _count(histogram: torch.Tensor, value: int) -> None:
         histogram[min(max(value, 0), p.HISTOGRAM_BINS - 1)] += 1
 
+    def _live(self) -> list[int]:
+        return [w for w in self.workers if w not in self.done and w not in self.lost]
+
     def _check_timeouts(self) -> None:
-        if self.settings.mode == "async" or self.params is None:
+        if self.params is None:
             return
         now = time.monotonic()
-        for worker in self.workers:
-            if worker in self.done or worker in self.pending_pulls:
+        for worker in self._live():
+            if worker in self.pending_pulls:
                 continue
             silent_s = now - self.last_seen[worker]
-            if silent_s > self.settings.timeout_s:
+            if silent_s <= self.settings.timeout_s:
+                continue
+            if self.settings.mode == "async":
+                # Asynchronous workers never wait for each other, so the others go on.
+                self.lost.add(worker)
+                log.warning("shard %d: worker %d (world rank %d) sent nothing for %.1f s (ps_timeout_s=%g); "
+                            "counting it as lost and serving the other workers", self.shard,
+                            self.workers.index(worker), worker, silent_s, self.settings.timeout_s)
+                self._maybe_finish()
+            else:
                 raise WorkerTimeout(
                     f"worker {self.workers.index(worker)} (world rank {worker}) sent nothing for {silent_s:.1f} s (ps_timeout_s="
                     f"{self.settings.timeout_s:g}) at clock {self.clocks[worker]}; "

@@ -22,9 +22,14 @@ class Strategy:
     micro-batch), and ``step``; ``finish`` once at the end.
 
     Subclasses set ``name`` and override what they need.
+
+    A strategy whose ranks must never wait for each other sets
+    ``independent_workers``: the trainer then runs no collective between them
+    after set-up, and ends the run when ``progress_steps`` reaches its length.
     """
 
     name = "base"
+    independent_workers = False
 
     def __init__(self, comm: Communicator, *, compressor: Compressor | None = None) -> None:
         self.comm = comm
@@ -96,6 +101,10 @@ class Strategy:
         assert self.model is not None, "attach() must run first"
         for tensor in model_tensors(self.model):
             self.comm.broadcast(tensor.data, root=root)
+
+    def progress_steps(self) -> int | None:
+        """Return the whole job's progress in steps, where ranks step independently; else None."""
+        return None
 
     def metrics(self) -> dict[str, Any]:
         """Return strategy-specific values for ``metrics.jsonl`` and ``summary.json``; may be empty."""

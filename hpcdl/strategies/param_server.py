@@ -30,6 +30,9 @@ class ParameterServerStrategy(Strategy):
 
     Modes:
         ``async``: every push is applied on arrival with the full learning rate.
+            Workers never wait for each other: the run ends when the shards
+            have applied ``steps x workers`` pushes, however they were shared
+            out, so a slow worker does fewer steps and a lost one is not waited for.
         ``ssp``: every push is applied on arrival, weighted by the worker's share
             of the step's samples (about 1/W). With plain SGD, one clock of pushes
             from all W workers then equals one synchronous step. A pull waits
@@ -74,6 +77,9 @@ class ParameterServerStrategy(Strategy):
         self.finished = False
         self.final_metrics: dict[str, float] = {}
         self.push_delay = push_delay
+        # In async the trainer keeps workers apart: no collective between them
+        # after set-up, so a slow or lost worker does not hold the others back.
+        self.independent_workers = mode == "async"
 
     @classmethod
     def from_spec(cls, spec: Spec, comm: Communicator, **options: Any) -> ParameterServerStrategy:
@@ -164,20 +170,31 @@ class ParameterServerStrategy(Strategy):
                 param.copy_(self.flat_params[offset:offset + n].view_as(param))
                 offset += n
 
+    def progress_steps(self) -> int | None:
+        """In ``async``, the run's progress in steps: shard 0's pushes divided by the workers.
+
+        Returns None in the other modes, where every worker counts its own steps.
+        """
+        if not self.independent_workers or self.client is None:
+            return None
+        return self.client.versions[0] // len(self.layout.worker_ranks)
+
     def finish(self) -> None:
-        """Wait for every worker, pull the final parameters, and tell the shards this worker is done."""
+        """Tell the shards this worker is done, and load the final parameters they return.
+
+        The shards answer once every worker still alive is done, so every
+        worker ends with the same parameters without a collective between them.
+        """
         if self.finished:
             return
-        self.comm.barrier()
-        self.client.pull(self.flat_params)
+        stats = self.client.finish(self.flat_params)
         self._scatter_params()
-        self.comm.barrier()
-        self.final_metrics = self.server_metrics()
-        self.client.done()
+        self.final_metrics = self._summarize(stats)
         self.finished = True
-        # Buffers (BatchNorm statistics) are not served; copy worker 0's.
-        for buffer in self.model.buffers():
-            self.comm.broadcast(buffer.data, root=0)
+        if not self.independent_workers:
+            # Buffers (BatchNorm statistics) are not served; copy worker 0's.
+            for buffer in self.model.buffers():
+                self.comm.broadcast(buffer.data, root=0)
 
     def metrics(self) -> dict[str, float]:
         return self.server_metrics()
@@ -188,24 +205,31 @@ class ParameterServerStrategy(Strategy):
         Keys: ``staleness_mean``, ``staleness_p50``, ``staleness_p99``,
         ``staleness_max`` (updates applied between a worker's pull and its push),
         ``clock_gap_max`` (a worker's clock minus the slowest worker's when its pull
-        was released), ``pushes`` and ``pushes_per_s`` (shard 0's counters).
+        was released), ``pushes`` and ``pushes_per_s`` (shard 0's counters),
+        ``ps_bytes_received`` (request bytes all shards received from workers)
+        and ``lost_workers`` (``async`` workers that went silent and were left behind).
         """
         if self.finished:
             return dict(self.final_metrics)
         if self.comm.rank != 0 or self.client is None:
             return {}
-        stats = self.client.stats()
-        bins = p.HISTOGRAM_BINS
-        staleness = sum(s[4:4 + bins] for s in stats)
-        clock_gap = sum(s[4 + bins:4 + 2 * bins] for s in stats)
+        return self._summarize(self.client.stats())
+
+    @staticmethod
+    def _summarize(stats: list[torch.Tensor]) -> dict[str, float]:
+        bins, first_bin = p.HISTOGRAM_BINS, p.STATS_SCALARS
+        staleness = sum(s[first_bin:first_bin + bins] for s in stats)
+        clock_gap = sum(s[first_bin + bins:first_bin + 2 * bins] for s in stats)
         first = stats[0]
         out = {f"staleness_{k}": v for k, v in p.histogram_stats(staleness).items()}
         out["clock_gap_max"] = p.histogram_stats(clock_gap)["max"]
         out["ps_ranks"] = len(stats)
-        out["pushes"] = int(first[0])
-        pushes, span_s = float(first[0]), float(first[1])
+        pushes, span_s = float(first[p.S_PUSHES]), float(first[p.S_ELAPSED_S])
+        out["pushes"] = int(pushes)
         out["pushes_per_s"] = (pushes - 1) / span_s if span_s > 0 else 0.0
-        out["rejected_requests"] = int(sum(float(s[2]) for s in stats))
+        out["rejected_requests"] = int(sum(float(s[p.S_REJECTED]) for s in stats))
+        out["ps_bytes_received"] = int(sum(float(s[p.S_BYTES_RECEIVED]) for s in stats))
+        out["lost_workers"] = int(max(float(s[p.S_LOST_WORKERS]) for s in stats))
         return out
 
     def state_dict(self) -> dict[str, Any]:
