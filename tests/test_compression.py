@@ -92,6 +92,13 @@ def test_hogwild_rejects_compression():
         check_compression(Spec("hogwild", {}), Spec("topk", {"ratio": 0.1}))
 
 
+@pytest.mark.parametrize("strategy", ["async", "ssp", "bsp-ps"])
+def test_push_strategies_accept_every_compressor(strategy):
+    for spec in ("fp16", "bf16", "topk:ratio=0.1", "randk:ratio=0.1", "qsgd:levels=4", "signsgd",
+                 "powersgd:rank=2"):
+        check_compression(Spec(strategy, {}), parse_compression(spec))
+
+
 def test_unknown_route_rejects_compression():
     with pytest.raises(ConfigError, match="does not send its updates through a compressor"):
         check_compression(Spec("pipeline", {}), Spec("fp16", {}))

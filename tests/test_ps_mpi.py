@@ -16,6 +16,7 @@ from mpi4py import MPI
 
 import hpcdl
 from hpcdl.comm import Communicator
+from hpcdl.compression import build_compressor
 from hpcdl.data import GlobalBatchSampler
 from hpcdl.ps import protocol as p
 from hpcdl.ps.client import PSClient
@@ -155,10 +156,12 @@ def _problem():
     return model, x, y
 
 
-def _train(model, x, y, comm, strategy: str, momentum: float, layout=None, steps: int = 8):
+def _train(model, x, y, comm, strategy: str, momentum: float, layout=None, steps: int = 8,
+           compression: str = "none"):
     model = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
-    model, optimizer = hpcdl.wrap(model, optimizer, strategy=strategy, comm=comm, ps_layout=layout)
+    model, optimizer = hpcdl.wrap(model, optimizer, strategy=strategy, comm=comm, ps_layout=layout,
+                                  compression=compression)
     sampler = GlobalBatchSampler(len(x), 8, rank=comm.rank, world_size=comm.size, seed=5)
     for step in range(steps):
         epoch, index = divmod(step, sampler.steps_per_epoch())
@@ -171,10 +174,11 @@ def _train(model, x, y, comm, strategy: str, momentum: float, layout=None, steps
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
 
 
-def _train_ps(world, mode: str, spec: str, momentum: float):
+def _train_ps(world, mode: str, spec: str, momentum: float, compression: str = "none"):
     model, x, y = _problem()
-    shard = ShardThread(world, ServerSettings(mode=mode, staleness=0, optimizer="sgd", momentum=momentum))
-    result = _train(model, x, y, world, spec, momentum, layout=shard.layout(world))
+    shard = ShardThread(world, ServerSettings(mode=mode, staleness=0, optimizer="sgd", momentum=momentum,
+                                              compression=compression))
+    result = _train(model, x, y, world, spec, momentum, layout=shard.layout(world), compression=compression)
     shard.join()
     return result
 
@@ -192,3 +196,52 @@ def test_ssp_staleness_zero_matches_bsp_ps(world):
     bsp = _train_ps(world, "bsp", "bsp-ps", momentum=0.0)
     ssp = _train_ps(world, "ssp", "ssp:staleness=0", momentum=0.0)
     torch.testing.assert_close(ssp, bsp, rtol=1e-5, atol=1e-6)
+
+
+# Lossless settings: top-k keeping every element, and PowerSGD at a rank no
+# smaller than any matrix dimension of the model (10 x 16 and 16 x 3).
+@pytest.mark.parametrize("compression", ["topk:ratio=1.0", "powersgd:rank=16", "fp16"])
+def test_compressed_pushes_decode_to_the_uncompressed_run(world, compression):
+    plain = _train_ps(world, "bsp", "bsp-ps", momentum=0.9)
+    compressed = _train_ps(world, "bsp", "bsp-ps", momentum=0.9, compression=compression)
+    # fp16 rounds every gradient element, so only its tolerance is wider.
+    tolerance = 2e-3 if compression == "fp16" else 1e-5
+    torch.testing.assert_close(compressed, plain, rtol=tolerance, atol=tolerance)
+
+
+def test_compressed_push_layout_enforced(world):
+    numel = 40
+    compression = "topk:ratio=0.25"
+    shard = ShardThread(world, ServerSettings(mode="async", optimizer="sgd", compression=compression))
+    client = PSClient(shard.comm, [0], numel, timeout_s=120, compressor=build_compressor(compression),
+                      shapes=[(4, 10)])
+    params = torch.zeros(numel)
+    if world.rank == 0:
+        client.init(params)
+    world.barrier()
+
+    if world.rank == 1:
+        raw = shard.comm.comm
+        expected = client.compressor.encoded_nbytes(numel, shapes=[(4, 10)])
+        float_push = p.make_header(p.Kind.PUSH_PULL, 0, 1, numel=numel, clock=1, lr=0.1)
+        short_push = p.make_header(p.Kind.PUSH_PULL, 0, 1, numel=numel, clock=1, lr=0.1,
+                                   encoded_nbytes=expected - 1)
+        assert _send_raw(raw, float_push, bytes(4 * numel)) == p.Status.BAD_DTYPE
+        assert _send_raw(raw, short_push, bytes(expected - 1)) == p.Status.BAD_LENGTH
+    world.barrier()
+
+    # Valid compressed pushes from every worker: 10 of 40 elements each, the
+    # same 10 largest ones, so the shard applies exactly those.
+    gradient = torch.zeros(numel)
+    gradient[:10] = 1.0
+    sent_before = shard.comm.bytes_sent
+    client.push_pull(gradient, params, 1, lr=0.5)
+    if world.rank != 0:  # rank 0's counter also counts its shard's replies
+        # The header and the encoded payload: 10 float32 values and 10 int32 indices.
+        assert shard.comm.bytes_sent - sent_before == p.HEADER_BYTES + 10 * 4 + 10 * 4
+    world.barrier()
+    client.pull(params)
+    client.done()
+    shard.join()
+    assert torch.equal(params[:10], torch.full((10,), -0.5 * world.size))
+    assert torch.equal(params[10:], torch.zeros(numel - 10))

@@ -9,9 +9,9 @@ from hpcdl.specs import Spec
 # ``Compressor.allreduce_delta``; every compressor fits them.
 SUMMING_STRATEGIES = ("allreduce", "local-sgd", "hierarchical", "diloco")
 
-# Parameter-server strategies send one worker's update to a server. They fit
-# every compressor once their class sets ``compresses_pushes = True`` and
-# sends pushes through ``Compressor.encode`` and ``Compressor.decode``.
+# Parameter-server strategies send one worker's update to a server. A class
+# that sets ``compresses_pushes = True`` encodes each push with
+# ``Compressor.encode`` and its shards decode it, so it fits every compressor.
 PUSH_STRATEGIES = ("async", "ssp", "bsp-ps")
 
 

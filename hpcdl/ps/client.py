@@ -9,6 +9,8 @@ import torch
 from mpi4py import MPI
 
 from hpcdl.comm import Communicator
+from hpcdl.compression import Compressor
+from hpcdl.compression.base import pack
 from hpcdl.ps import protocol as p
 
 _POLL_SLEEP_S = 0.0001
@@ -25,27 +27,36 @@ class PSClient:
         server_ranks: shard i lives on ``server_ranks[i]``.
         numel: total float32 elements of the flattened parameters.
         timeout_s: how long to wait for a reply before raising.
+        compressor: encodes each push (with error feedback, per shard); None
+            sends float32 gradients. The shards must decode with the same spec.
+        shapes: the shapes of the tensors in the flattened parameters, in
+            order; a compressor that treats matrices apart needs them.
     """
 
     def __init__(self, comm: Communicator, server_ranks: list[int], numel: int, *,
-                 timeout_s: float = 240.0) -> None:
+                 timeout_s: float = 240.0, compressor: Compressor | None = None,
+                 shapes: list[tuple[int, ...]] | None = None) -> None:
         self.comm = comm
         self.rank = comm.rank
         self.servers = list(server_ranks)
         self.bounds = p.shard_bounds(numel, len(self.servers))
         self.timeout_s = timeout_s
         self.versions = [0] * len(self.servers)
+        self.compressor = compressor if compressor is not None and compressor.name != "none" else None
+        self.shard_shapes = p.shard_shapes(shapes or [(numel,)], self.bounds)
 
     def _slices(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[start:end] for start, end in self.bounds]
 
     def request(self, kind: p.Kind, *, send: torch.Tensor | None = None, receive: torch.Tensor | None = None,
-                clock: int = 0, lr: float = 0.0) -> list[torch.Tensor]:
+                clock: int = 0, lr: float = 0.0, encoded: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Send one request of ``kind`` to every shard; return the reply headers.
 
         Args:
             send: flat float32 tensor whose shard slices are the payloads.
             receive: flat float32 tensor whose shard slices receive the reply payloads.
+            encoded: with ``send``, one packed compressor payload per shard to
+                send in place of the slices.
 
         Raises:
             ParameterServerError: a shard rejected the request or did not reply in time.
@@ -59,26 +70,31 @@ class PSClient:
             if receives[shard] is not None:
                 data_requests.append(self.comm.irecv(receives[shard], source=server, tag=p.TAG_REPLY_DATA))
             numel = sends[shard].numel() if sends[shard] is not None else 0
+            payload = encoded[shard] if encoded is not None else sends[shard]
             header = p.make_header(kind, shard, self.rank, numel=numel, version=self.versions[shard],
-                                   clock=clock, lr=lr)
+                                   clock=clock, lr=lr,
+                                   encoded_nbytes=payload.numel() if encoded is not None else None)
             keep.append(header)
             send_requests.append(self.comm.isend(header, server, tag=p.TAG_REQUEST))
-            if sends[shard] is not None:
-                send_requests.append(self.comm.isend(sends[shard], server, tag=p.TAG_REQUEST_DATA))
+            if payload is not None:
+                send_requests.append(self.comm.isend(payload, server, tag=p.TAG_REQUEST_DATA))
 
         self._wait(reply_requests + send_requests, kind)
-        failed = [shard for shard, reply in enumerate(replies) if int(reply[p.R_STATUS]) != p.Status.OK]
-        if failed:
+        if any(int(reply[p.R_STATUS]) != p.Status.OK for reply in replies):
             for request in data_requests:
                 request.Cancel()
                 request.Wait()
-            shard = failed[0]
-            status = p.Status(int(replies[shard][p.R_STATUS]))
-            raise p.ParameterServerError(
-                f"parameter-server shard {shard} (rank {self.servers[shard]}) rejected the {kind.name} "
-                f"request of rank {self.rank}: {p.STATUS_MESSAGES.get(status, status.name)}")
+            self._raise_if_rejected(replies, kind)
         self._wait(data_requests, kind)
         return replies
+
+    def _raise_if_rejected(self, replies: list[torch.Tensor], kind: p.Kind) -> None:
+        for shard, reply in enumerate(replies):
+            status = p.Status(int(reply[p.R_STATUS]))
+            if status != p.Status.OK:
+                raise p.ParameterServerError(
+                    f"parameter-server shard {shard} (rank {self.servers[shard]}) rejected the {kind.name} "
+                    f"request of rank {self.rank}: {p.STATUS_MESSAGES.get(status, status.name)}")
 
     def _wait(self, requests: list[MPI.Request], kind: p.Kind) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -90,12 +106,32 @@ class PSClient:
             time.sleep(_POLL_SLEEP_S)
 
     def init(self, flat_params: torch.Tensor) -> None:
-        """Send the initial parameters to every shard (first worker only)."""
-        self.request(p.Kind.INIT, send=flat_params)
+        """Send the initial parameters to every shard (first worker only).
+
+        With a compressor, each shard also receives the shapes of its tensors,
+        which it needs to decode pushes.
+        """
+        if self.compressor is None:
+            self.request(p.Kind.INIT, send=flat_params)
+            return
+        replies = [torch.empty(p.REPLY_FIELDS, dtype=torch.float64) for _ in self.servers]
+        waits = [self.comm.irecv(reply, source=server, tag=p.TAG_REPLY) for reply, server in zip(replies, self.servers)]
+        for shard, (server, piece) in enumerate(zip(self.servers, self._slices(flat_params))):
+            self.comm.send(p.make_header(p.Kind.INIT, shard, self.rank, numel=piece.numel()), server, tag=p.TAG_REQUEST)
+            self.comm.send(piece.contiguous(), server, tag=p.TAG_REQUEST_DATA)
+            # Shapes are a few integers of control data, not tensor data.
+            self.comm.comm.send(self.shard_shapes[shard], dest=server, tag=p.TAG_CONTROL)
+        self._wait(waits, p.Kind.INIT)
+        self._raise_if_rejected(replies, p.Kind.INIT)
 
     def push_pull(self, flat_grad: torch.Tensor, flat_params: torch.Tensor, clock: int, lr: float) -> None:
         """Push one gradient to every shard and receive the parameters each shard then releases."""
-        replies = self.request(p.Kind.PUSH_PULL, send=flat_grad, receive=flat_params, clock=clock, lr=lr)
+        encoded = None
+        if self.compressor is not None:
+            encoded = [pack(self.compressor.encode(f"push/shard{shard}", piece, shapes=self.shard_shapes[shard]))
+                       for shard, piece in enumerate(self._slices(flat_grad))]
+        replies = self.request(p.Kind.PUSH_PULL, send=flat_grad, receive=flat_params, clock=clock, lr=lr,
+                               encoded=encoded)
         self.versions = [int(reply[p.R_VERSION]) for reply in replies]
 
     def pull(self, flat_params: torch.Tensor) -> None:

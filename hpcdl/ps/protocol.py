@@ -48,6 +48,10 @@ STATS_FIELDS = STATS_SCALARS + 2 * HISTOGRAM_BINS
 # The one parameter dtype the server stores; the code travels in the DTYPE field.
 DTYPE_CODES = {torch.float32: 1}
 PAYLOAD_DTYPE = torch.float32
+# DTYPE code of a compressed push: the compressor's payload tensors packed into
+# bytes (``hpcdl.compression.pack``), whose length the shard knows from its
+# compressor and the shard's tensor shapes.
+ENCODED_CODE = 2
 
 
 class Kind(IntEnum):
@@ -85,7 +89,7 @@ STATUS_MESSAGES = {
     Status.BAD_HEADER: "header has the wrong size or a non-integer field",
     Status.BAD_KIND: "unknown request kind",
     Status.BAD_SHARD: "request sent to the wrong shard",
-    Status.BAD_DTYPE: "payload dtype is not float32",
+    Status.BAD_DTYPE: "payload dtype is not the one the shard expects (float32, or packed compressor bytes)",
     Status.BAD_SHAPE: "element count does not match the shard",
     Status.BAD_LENGTH: "payload byte length does not match the header",
     Status.BAD_VERSION: "version is negative or ahead of the shard",
@@ -119,6 +123,30 @@ def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
     return chunk_bounds(numel, shards)
 
 
+def shard_shapes(shapes: list[tuple[int, ...]], bounds: list[tuple[int, int]]) -> list[list[tuple[int, ...]]]:
+    """Return, for each shard range, the shapes of the tensors it holds.
+
+    A tensor that lies wholly inside a range keeps its shape; a piece of a
+    tensor cut by a range boundary becomes a 1-D shape. A compressor that
+    treats matrices apart (PowerSGD) reads these shapes.
+
+    Example:
+        >>> shard_shapes([(2, 3), (4,)], [(0, 5), (5, 10)])
+        [[(5,)], [(1,), (4,)]]
+    """
+    out: list[list[tuple[int, ...]]] = []
+    for start, end in bounds:
+        pieces, offset = [], 0
+        for shape in shapes:
+            size = math.prod(shape)
+            low, high = max(start, offset), min(end, offset + size)
+            if low < high:
+                pieces.append(tuple(shape) if (low, high) == (offset, offset + size) else (high - low,))
+            offset += size
+        out.append(pieces)
+    return out
+
+
 @dataclass
 class ShardView:
     """The shard state that request validation reads."""
@@ -130,6 +158,7 @@ class ShardView:
     init_rank: int
     next_clock: dict[int, int]
     done: frozenset[int] = frozenset()
+    push_nbytes: int | None = None   # a compressed push's byte length; None when pushes are float32
 
 
 def _is_integer(value: float) -> bool:
@@ -177,13 +206,14 @@ def validate_request(header: list[float], source: int, payload_nbytes: int | Non
     if kind not in KINDS_WITH_PAYLOAD:
         return Status.OK
 
-    if int(header[DTYPE]) != DTYPE_CODES[PAYLOAD_DTYPE]:
+    encoded = kind == Kind.PUSH_PULL and view.push_nbytes is not None
+    if int(header[DTYPE]) != (ENCODED_CODE if encoded else DTYPE_CODES[PAYLOAD_DTYPE]):
         return Status.BAD_DTYPE
     numel = int(header[NUMEL])
     if numel < 0 or (view.numel is not None and numel != view.numel):
         return Status.BAD_SHAPE
-    element_size = torch.finfo(PAYLOAD_DTYPE).bits // 8
-    if int(header[NBYTES]) != numel * element_size or payload_nbytes != int(header[NBYTES]):
+    expected_nbytes = view.push_nbytes if encoded else numel * (torch.finfo(PAYLOAD_DTYPE).bits // 8)
+    if int(header[NBYTES]) != expected_nbytes or payload_nbytes != expected_nbytes:
         return Status.BAD_LENGTH
     if kind == Kind.PUSH_PULL:
         version = int(header[VERSION])
@@ -197,14 +227,23 @@ def validate_request(header: list[float], source: int, payload_nbytes: int | Non
 
 
 def make_header(kind: Kind, shard: int, worker: int, *, numel: int = 0, version: int = 0,
-                clock: int = 0, lr: float = 0.0) -> torch.Tensor:
-    """Build a request header as a float64 tensor."""
+                clock: int = 0, lr: float = 0.0, encoded_nbytes: int | None = None) -> torch.Tensor:
+    """Build a request header as a float64 tensor.
+
+    Args:
+        encoded_nbytes: the byte length of a compressed payload that carries
+            ``numel`` elements; None for a float32 payload.
+    """
     header = torch.zeros(HEADER_FIELDS, dtype=torch.float64)
     header[KIND] = int(kind)
     header[SHARD] = shard
-    header[DTYPE] = DTYPE_CODES[PAYLOAD_DTYPE]
     header[NUMEL] = numel
-    header[NBYTES] = numel * (torch.finfo(PAYLOAD_DTYPE).bits // 8)
+    if encoded_nbytes is None:
+        header[DTYPE] = DTYPE_CODES[PAYLOAD_DTYPE]
+        header[NBYTES] = numel * (torch.finfo(PAYLOAD_DTYPE).bits // 8)
+    else:
+        header[DTYPE] = ENCODED_CODE
+        header[NBYTES] = encoded_nbytes
     header[VERSION] = version
     header[WORKER] = worker
     header[CLOCK] = clock

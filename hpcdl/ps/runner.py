@@ -24,7 +24,8 @@ def server_settings(config: TrainConfig) -> ServerSettings:
                           staleness_lr=bool(spec.params.get("staleness_lr", False)),
                           timeout_s=config.ps_timeout_s, optimizer=config.optimizer,
                           momentum=config.momentum if config.optimizer == "sgd" else 0.0,
-                          nesterov=config.nesterov, weight_decay=config.weight_decay)
+                          nesterov=config.nesterov, weight_decay=config.weight_decay,
+                          compression=config.compression)
 
 
 def start_job(world: Communicator, config: TrainConfig | None) -> tuple[Communicator | None, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -10,6 +11,8 @@ import torch
 from mpi4py import MPI
 
 from hpcdl.comm import Communicator
+from hpcdl.compression import build_compressor
+from hpcdl.compression.base import unpack
 from hpcdl.ps import protocol as p
 from hpcdl.ps.optimizer import ServerOptimizer
 
@@ -33,6 +36,8 @@ class ServerSettings:
         mode: ``async``, ``ssp`` or ``bsp``.
         staleness: the ``ssp`` bound in clocks.
         staleness_lr: in ``async``, divide the learning rate by the push's staleness.
+        compression: the compressor spec of the pushes; the shard decodes each
+            push with it. ``none`` takes float32 gradients.
         timeout_s: how long a worker that has not finished may send nothing. In
             ``ssp`` and ``bsp`` the job then fails; in ``async`` the shard counts the
             worker as lost and serves the others without it.
@@ -46,6 +51,7 @@ class ServerSettings:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    compression: str = "none"
 
 
 class ShardServer:
@@ -72,6 +78,12 @@ class ShardServer:
         self.shard = shard
         self.workers = list(worker_ranks)
         self.settings = settings
+        compressor = build_compressor(settings.compression)
+        self.compressor = compressor if compressor.name != "none" else None
+        # Set at INIT when pushes are compressed: the shard's tensor shapes and payload layout.
+        self.shapes: list[tuple[int, ...]] | None = None
+        self.push_layout: list[tuple[torch.dtype, int]] | None = None
+        self.push_nbytes: int | None = None
         self.params: torch.Tensor | None = None
         self.optimizer: ServerOptimizer | None = None
         self.version = 0
@@ -136,9 +148,9 @@ class ShardServer:
         kind = p.Kind(int(header[p.KIND]))
         data = payload[0] if payload is not None else None
         if kind == p.Kind.INIT:
-            self._init(source, data)
+            self._init(source, data.view(p.PAYLOAD_DTYPE))
         elif kind == p.Kind.PUSH_PULL:
-            self._push(source, header, data)
+            self._push(source, header, self._decode(data))
         elif kind == p.Kind.PULL:
             self._reply_params(source)
         elif kind == p.Kind.STATS:
@@ -154,33 +166,56 @@ class ShardServer:
             self._maybe_finish()
 
     def _receive_payload(self, source: int) -> tuple[torch.Tensor, int] | None:
-        """Receive the payload that follows a header; return (float32 tensor, byte length)."""
+        """Receive the payload that follows a header; return (its bytes as uint8, byte length)."""
+        if not self._wait_for(source, p.TAG_REQUEST_DATA):
+            return None
         status = MPI.Status()
-        deadline = time.monotonic() + _PAYLOAD_WAIT_S
-        while not self.comm.comm.Iprobe(source, p.TAG_REQUEST_DATA, status):
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(_IDLE_SLEEP_S)
+        self.comm.comm.Probe(source, p.TAG_REQUEST_DATA, status)
         nbytes = status.Get_count(MPI.BYTE)
         self.bytes_received += nbytes
-        if nbytes % 4 or (self.params is not None and nbytes != self.params.numel() * 4):
-            scratch = bytearray(nbytes)
-            self.comm.comm.Recv([scratch, MPI.BYTE], source=source, tag=p.TAG_REQUEST_DATA)
-            return torch.empty(0), nbytes
-        data = torch.empty(nbytes // 4, dtype=p.PAYLOAD_DTYPE)
+        # uint8 storage is aligned for any dtype, so a float32 payload is viewed in place.
+        data = torch.empty(nbytes, dtype=torch.uint8)
         self.comm.recv(data, source=source, tag=p.TAG_REQUEST_DATA)
         return data, nbytes
+
+    def _wait_for(self, source: int, tag: int) -> bool:
+        """Wait until a message from ``source`` with ``tag`` arrives; False after ``_PAYLOAD_WAIT_S``."""
+        deadline = time.monotonic() + _PAYLOAD_WAIT_S
+        while not self.comm.comm.Iprobe(source, tag):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(_IDLE_SLEEP_S)
+        return True
+
+    def _decode(self, data: torch.Tensor) -> torch.Tensor:
+        """Return the dense float32 gradient a validated push payload carries."""
+        if self.compressor is None:
+            return data.view(p.PAYLOAD_DTYPE)
+        return self.compressor.decode(f"push/shard{self.shard}", unpack(data, self.push_layout),
+                                      self.params.numel(), shapes=self.shapes)
 
     def _view(self) -> p.ShardView:
         return p.ShardView(shard=self.shard, numel=None if self.params is None else self.params.numel(),
                            version=self.version, worker_ranks=frozenset(self.workers),
                            init_rank=self.workers[0],
                            next_clock={w: c + 1 for w, c in self.clocks.items()},
-                           done=frozenset(self.done | self.lost))
+                           done=frozenset(self.done | self.lost), push_nbytes=self.push_nbytes)
 
     # Requests
 
     def _init(self, source: int, data: torch.Tensor) -> None:
+        if self.compressor is not None:
+            # The shard's tensor shapes follow as one small control message.
+            if not self._wait_for(source, p.TAG_CONTROL):
+                self._reject(source, p.Status.BAD_HEADER, "compressed pushes need the shard's tensor shapes")
+                return
+            shapes = [tuple(int(d) for d in shape) for shape in self.comm.comm.recv(source=source, tag=p.TAG_CONTROL)]
+            if sum(math.prod(shape) for shape in shapes) != data.numel():
+                self._reject(source, p.Status.BAD_SHAPE, f"tensor shapes {shapes} do not cover {data.numel()} elements")
+                return
+            self.shapes = shapes
+            self.push_layout = self.compressor.payload_layout(data.numel(), shapes=shapes)
+            self.push_nbytes = self.compressor.encoded_nbytes(data.numel(), shapes=shapes)
         self.params = data.clone()
         s = self.settings
         self.optimizer = ServerOptimizer(self.params, s.optimizer, momentum=s.momentum,

@@ -51,9 +51,12 @@ class ParameterServerStrategy(Strategy):
         timeout_s: how long a worker waits for a shard's reply, in seconds.
         push_delay: ``(worker rank, seconds)``: that worker sleeps before each
             push. A fault-injection aid for tests.
+        compressor: encodes each push, per shard, with error feedback on the
+            worker; the shards decode it with the same spec.
     """
 
     name = "param-server"
+    compresses_pushes = True
 
     def __init__(self, comm: Communicator, *, mode: str, staleness: int = 0, staleness_lr: bool = False,
                  layout: PSLayout | None = None, timeout_s: float = 120.0,
@@ -102,7 +105,8 @@ class ParameterServerStrategy(Strategy):
         self.flat_params = torch.cat([q.detach().reshape(-1) for q in params]).contiguous()
         self.flat_grad = torch.zeros_like(self.flat_params)
         self.client = PSClient(self.layout.comm, self.layout.server_ranks, self.flat_params.numel(),
-                               timeout_s=self.timeout_s)
+                               timeout_s=self.timeout_s, compressor=self.compressor,
+                               shapes=[tuple(q.shape) for q in params])
         if self.comm.rank == 0:
             self.client.init(self.flat_params)
         # No worker may push before every shard has its initial parameters.
@@ -123,9 +127,6 @@ class ParameterServerStrategy(Strategy):
         self._transform_local_grad()
         if self.mode != "async":
             self.flat_grad.mul_(self.weight)
-        # NOTE: pushes are sent uncompressed. Compression would encode
-        # self.flat_grad here with Compressor.encode, send the payload tensors,
-        # and set compresses_pushes = True so that validation accepts it.
         self.clock += 1
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.client.push_pull(self.flat_grad, self.flat_params, self.clock, lr)
