@@ -18,7 +18,8 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
     Validation is deterministic, so every rank reaches the same verdict: rank 0
     prints the error and all ranks return 2. Any later exception on any rank
     calls ``MPI_Abort``, which ends every rank of the job within seconds. The log
-    line names the failing rank, the step and the error.
+    line names the failing rank, the step and the error. The exception is an
+    ``async`` worker other than worker 0: it exits alone, and the others finish.
     """
     from hpcdl.api import init
 
@@ -62,10 +63,10 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
         summary = trainer.fit()
     except BaseException as exc:  # noqa: BLE001 - every failure must end the whole job
         step = trainer.step if trainer is not None else "set-up"
-        who = f"rank {ctx.rank}"
+        rank_label = f"rank {ctx.rank}"
         if trainer is not None and trainer.comm.size != ctx.size:
-            who += f" (worker {trainer.comm.rank})"
-        log.error("%s failed at step %s: %s: %s", who, step, type(exc).__name__, exc,
+            rank_label += f" (worker {trainer.comm.rank})"
+        log.error("%s failed at step %s: %s: %s", rank_label, step, type(exc).__name__, exc,
                   exc_info=not isinstance(exc, KeyboardInterrupt))
         if _others_go_on(trainer, exc):
             log.error("rank %d leaves the job; the other workers go on without it", ctx.rank)
