@@ -113,7 +113,6 @@ def test_histogram_stats_percentiles():
     ({"strategy": "async"}, 1, "needs at least one worker"),
     ({"strategy": "allreduce", "ps_ranks": 2}, 4, "server ranks exist only"),
     ({"strategy": "ssp:staleness=1", "push_delay": "5:1"}, 3, "worker 5 does not exist"),
-    ({"strategy": "hogwild", "ranks_per_node": 1}, 2, "one node"),
     ({"strategy": "bsp-ps", "ps_timeout_s": 0.0}, 3, "ps-timeout-s"),
 ])
 def test_invalid_ps_settings_rejected(changes, world_size, message):
@@ -123,6 +122,13 @@ def test_invalid_ps_settings_rejected(changes, world_size, message):
 
     with pytest.raises(ConfigError, match=message):
         validate(TrainConfig(**changes), world_size)
+
+
+def test_hogwild_across_nodes_accepted():
+    from hpcdl.config import TrainConfig
+    from hpcdl.validate import validate
+
+    validate(TrainConfig(strategy="hogwild", ranks_per_node=1), 2)
 
 
 def test_ps_without_worker_exits_2():
@@ -157,6 +163,19 @@ def test_async_trains_digits(tmp_path):
     for key in ("staleness_mean", "staleness_p50", "staleness_p99", "staleness_max"):
         assert key in summary
     assert all("staleness_max" in record for record in _metrics(run_dir))
+
+
+def test_async_compressed_pushes_train_digits(tmp_path):
+    run_dir = tmp_path / "async-topk"
+    result = run_cli([HPCDL, "train", "-n", "4", "--strategy", "async", "--compression", "topk:ratio=0.1",
+                      "--epochs", "5", "--lr", "0.08", "--momentum", "0.5", "--run-dir", str(run_dir), *_DIGITS])
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(run_dir)
+    assert summary["test_accuracy"] >= 0.85
+    # Each push carries a tenth of the values plus their int32 indices: at
+    # most about a fifth of a float32 gradient, headers included.
+    per_push = summary["ps_bytes_received"] / summary["pushes"]
+    assert per_push < 0.25 * 4 * summary["parameters"]
 
 
 def test_async_worker_killed_mid_run_others_finish(tmp_path):
@@ -200,6 +219,30 @@ def test_hogwild_trains_digits(tmp_path):
     summary = read_summary(run_dir)
     assert summary["world_size"] == 3
     assert summary["test_accuracy"] >= 0.90
+
+
+def test_hogwild_two_nodes_trains_digits(tmp_path):
+    run_dir = tmp_path / "hogwild-nodes"
+    # Two emulated nodes of two ranks: the part of every update that falls in the
+    # other node's slice, half of the parameters, travels through MPI_Accumulate.
+    result = run_cli([HPCDL, "train", "-n", "4", "--strategy", "hogwild", "--ranks-per-node", "2",
+                      "--epochs", "10", "--lr", "0.02", "--run-dir", str(run_dir), *_DIGITS])
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(run_dir)
+    assert summary["world_size"] == 4
+    assert summary["test_accuracy"] >= 0.90
+
+
+def test_hogwild_rejects_separate_memory_model():
+    from types import SimpleNamespace
+
+    from mpi4py import MPI
+
+    from hpcdl.strategies.hogwild import require_unified_model
+
+    require_unified_model(SimpleNamespace(model=MPI.WIN_UNIFIED), "shared-memory")
+    with pytest.raises(RuntimeError, match="separate model"):
+        require_unified_model(SimpleNamespace(model=MPI.WIN_SEPARATE), "shared-memory")
 
 
 def test_silent_worker_fails_bsp_job(tmp_path):

@@ -111,7 +111,8 @@ def strategy_comm_s(strategy: str, model: AlphaBeta, gradient_bytes: float, rank
       parameters every H steps (the intra-node part of ``hierarchical`` is taken as free).
     - ``async``, ``ssp``, ``bsp-ps``: each worker pushes a gradient and pulls the
       parameters; the ``ps_ranks`` server links carry all workers' traffic.
-    - ``hogwild``: each rank reads and writes the shared parameters once per step.
+    - ``hogwild``: each rank sends its update of the other nodes' slices and reads
+      them back once per step, taken as the whole parameter vector each way.
     """
     from hpcdl.strategies import parse_strategy
 

@@ -47,7 +47,3 @@ def check_ps_config(config: TrainConfig, world_size: int) -> None:
         if push_delay is not None and push_delay[0] >= workers:
             raise ConfigError(f"Invalid push_delay={config.push_delay!r}: worker {push_delay[0]} does not exist; "
                               f"this job has workers 0 to {workers - 1}.")
-    if name == "hogwild" and 0 < config.ranks_per_node < world_size:
-        # NOTE: updates across nodes (one-sided accumulate to the owning node) are not built yet.
-        raise ConfigError(f"Strategy 'hogwild' needs every rank on one node, but ranks-per-node="
-                          f"{config.ranks_per_node} splits {world_size} ranks into several. Drop --ranks-per-node.")
