@@ -11,7 +11,8 @@ Steps, in order:
 
 A harness that fails is reported in BENCHMARKS.md and the next one runs. Then
 BENCHMARKS.md is written from the machine description and every fragment in
-``bench/results/``.
+``bench/results/``. ``bench/results/targets.md``, the summary of every target
+against its latest figure, is written by hand and kept first.
 
 Usage:
     .venv/bin/python bench/run_all.py [--assemble-only] [--only NAME,...] [--quick]
@@ -36,7 +37,7 @@ BIN = Path(sys.executable).parent
 HPCDL = str(BIN / "hpcdl")
 # Run by run_all itself, or helpers of another harness rather than harnesses.
 OWN_HARNESSES = {"run_all", "headline", "ddp_baseline"}
-ORDER = ["headline", "busbw", "projection", "scaling", "allreduce", "local_sgd", "compression", "ps",
+ORDER = ["targets", "headline", "busbw", "projection", "scaling", "allreduce", "local_sgd", "compression", "ps",
          "pipeline", "horovod"]
 
 

@@ -94,7 +94,7 @@ def allreduce_command(ranks: int, algorithms: str, sizes: str, out: str | None, 
         if links is None:
             command = [mpiexec, "-n", str(ranks), *job]
         else:
-            env.update(mpi_environment())
+            env.update(mpi_environment(ranks=ranks))
             command = links.mpiexec_command(mpiexec, ranks, job)
         status = subprocess.run(command, env=env).returncode
     if status != 0:

@@ -37,7 +37,7 @@ def train(ranks: int, flags: list[str], run_dir: Path, links: EmulatedLinks | No
     else:
         from hpcdl.launch import find_mpiexec
 
-        env.update(mpi_environment())
+        env.update(mpi_environment(ranks=ranks))
         command = links.mpiexec_command(find_mpiexec(), ranks, [sys.executable, "-m", "hpcdl", *args,
                                                                 "--launched"])
     wire_before = _wire_bytes(links, ranks)
