@@ -61,7 +61,8 @@ def _train_options(func):
         click.option("--ranks-per-node", type=int,
                      help="Group consecutive ranks into nodes of this size to emulate several nodes "
                           "on one machine (testing aid). [0: ask MPI]"),
-        click.option("--fail-at", help="Testing aid: make rank RANK raise at step STEP (RANK:STEP)."),
+        click.option("--fail-at", help="Testing aid: make rank RANK raise at step STEP (RANK:STEP); with "
+                                       "async, ssp and bsp-ps, RANK is a worker index."),
         click.option("--inject-nonfinite",
                      help="Testing aid: make rank RANK's gradient infinite at step STEP (RANK:STEP or "
                           "RANK:FIRST-LAST)."),
@@ -76,13 +77,14 @@ def _train_options(func):
         click.option("--ps-ranks", type=int,
                      help="Parameter-server ranks for async, ssp and bsp-ps; the first K ranks serve. [1]"),
         click.option("--ps-timeout-s", type=float,
-                     help="In ssp and bsp-ps, fail the job when a worker sends nothing for this many "
-                          "seconds. [120]"),
+                     help="Seconds a parameter-server worker may send nothing: then ssp and bsp-ps fail, "
+                          "and async goes on without it (worker 0 excepted). [120]"),
         click.option("--push-delay",
                      help="Testing aid: make worker RANK sleep SECONDS before each push (RANK:SECONDS)."),
         click.option("--straggler",
                      help="Fault injection: slow rank RANK's compute FACTOR times by sleeping after its "
-                          "forward and backward passes (RANK:FACTOR, e.g. 1:4)."),
+                          "forward and backward passes (RANK:FACTOR, e.g. 1:4); with async, ssp and bsp-ps, "
+                          "RANK is a worker index."),
         click.option("--launched", is_flag=True, hidden=True),
     ]
     for option in reversed(options):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from hpcdl.config import TrainConfig
@@ -23,6 +24,8 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
     """
     from hpcdl.api import init
 
+    if config.strategy.partition(":")[0].strip() == "async":
+        _survive_peer_failure_notices()
     ctx = init(ranks_per_node=config.ranks_per_node)
     error = None
     try:
@@ -79,6 +82,18 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
         _print_summary(summary)
     _exit_if_peers_lost(int(summary.get("lost_workers", 0)))
     return 0
+
+
+def _survive_peer_failure_notices() -> None:
+    """Log, rather than die of, the SIGUSR1 that MPICH's Hydra sends when another rank fails.
+
+    Under ``-disable-auto-cleanup`` Hydra signals every live rank when one
+    fails, and SIGUSR1's default action ends the process.
+    """
+    def notice(signum, frame) -> None:
+        log.warning("the MPI process manager reports that another rank has failed")
+
+    signal.signal(signal.SIGUSR1, notice)
 
 
 def _others_go_on(trainer, exc: BaseException) -> bool:

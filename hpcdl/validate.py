@@ -70,26 +70,22 @@ def validate(config: TrainConfig, world_size: int, *, launched: bool = False) ->
     if config.precision == "fp16" and strategy_spec.name in ("async", "ssp", "bsp-ps"):
         raise ConfigError(f"Invalid precision='fp16' with strategy {strategy_spec.name!r}: parameter-server "
                           "workers push gradients without the shared loss unscaling. Use --precision bf16 or fp32.")
-    fail_at = parse_fail_at(config.fail_at)
-    if fail_at is not None and fail_at[0] >= world_size:
-        raise ConfigError(f"Invalid fail_at={config.fail_at!r}: rank {fail_at[0]} does not exist in a job of "
-                          f"{world_size} ranks.")
     from hpcdl.config import parse_straggler
-
-    straggler = parse_straggler(config.straggler)
-    if straggler is not None and straggler[0] >= world_size:
-        raise ConfigError(f"Invalid straggler={config.straggler!r}: rank {straggler[0]} "
-                          f"does not exist in a job of {world_size} ranks.")
-    inject = parse_inject_nonfinite(config.inject_nonfinite)
-    if inject is not None and inject[0] >= world_size:
-        raise ConfigError(f"Invalid inject_nonfinite={config.inject_nonfinite!r}: rank {inject[0]} does not exist "
-                          f"in a job of {world_size} ranks.")
-
     from hpcdl.parallel.checks import check_parallel_config
     from hpcdl.ps.checks import check_ps_config, training_ranks
 
     check_parallel_config(config, world_size)
     check_ps_config(config, world_size)
+    # Fault-injection ranks count the training ranks, which are the workers of a
+    # parameter-server job.
+    trainers = training_ranks(config, world_size)
+    which = (f"this job's workers are 0 to {trainers - 1}" if trainers != world_size
+             else f"a job of {world_size} ranks has ranks 0 to {world_size - 1}")
+    for key, parsed in (("fail_at", parse_fail_at(config.fail_at)),
+                        ("straggler", parse_straggler(config.straggler)),
+                        ("inject_nonfinite", parse_inject_nonfinite(config.inject_nonfinite))):
+        if parsed is not None and parsed[0] >= trainers:
+            raise ConfigError(f"Invalid {key}={getattr(config, key)!r}: rank {parsed[0]} does not exist; {which}.")
     _check_data_and_model(config)
     if config.resume:
         _check_resume(config, training_ranks(config, world_size))

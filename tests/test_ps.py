@@ -113,6 +113,7 @@ def test_histogram_stats_percentiles():
     ({"strategy": "async"}, 1, "needs at least one worker"),
     ({"strategy": "allreduce", "ps_ranks": 2}, 4, "server ranks exist only"),
     ({"strategy": "ssp:staleness=1", "push_delay": "5:1"}, 3, "worker 5 does not exist"),
+    ({"strategy": "async", "fail_at": "3:5"}, 4, "rank 3 does not exist; this job's workers are 0 to 2"),
     ({"strategy": "bsp-ps", "ps_timeout_s": 0.0}, 3, "ps-timeout-s"),
 ])
 def test_invalid_ps_settings_rejected(changes, world_size, message):
@@ -250,7 +251,7 @@ def test_silent_worker_fails_bsp_job(tmp_path):
                       "--ps-timeout-s", "4", "--steps", "4", "--run-dir", str(tmp_path / "bsp"), *_DIGITS],
                      timeout=120)
     assert result.returncode != 0
-    assert "worker 1 (world rank 2) sent nothing" in result.stderr
+    assert "worker 1 (world rank 2) is unreachable: it sent nothing" in result.stderr
 
 
 def test_bsp_ps_resume_restores_server_state(tmp_path):

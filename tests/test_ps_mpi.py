@@ -66,6 +66,17 @@ def test_concurrent_pushes_never_lost(world):
     assert client.versions == [50 * world.size]
 
 
+def _serve_zeros(world, numel: int, settings: ServerSettings, **client_options):
+    """Start a shard of ``numel`` zeros; return the shard, this rank's client and its parameters."""
+    shard = ShardThread(world, settings)
+    client = PSClient(shard.comm, [0], numel, timeout_s=120, **client_options)
+    params = torch.zeros(numel)
+    if world.rank == 0:
+        client.init(params)
+    world.barrier()
+    return shard, client, params
+
+
 def _send_raw(comm: MPI.Comm, header: torch.Tensor, payload: bytes | None) -> int:
     """Send a header (and payload) as they are; return the reply status."""
     reply = torch.empty(p.REPLY_FIELDS, dtype=torch.float64)
@@ -84,12 +95,7 @@ def _send_raw(comm: MPI.Comm, header: torch.Tensor, payload: bytes | None) -> in
 
 def test_invalid_messages_rejected_server_survives(world):
     numel = 6
-    shard = ShardThread(world, ServerSettings(mode="async", optimizer="sgd"))
-    client = PSClient(shard.comm, [0], numel, timeout_s=120)
-    params = torch.zeros(numel)
-    if world.rank == 0:
-        client.init(params)
-    world.barrier()
+    shard, client, params = _serve_zeros(world, numel, ServerSettings(mode="async", optimizer="sgd"))
 
     if world.rank == 1:
         raw = shard.comm.comm
@@ -212,13 +218,9 @@ def test_compressed_pushes_decode_to_the_uncompressed_run(world, compression):
 def test_compressed_push_layout_enforced(world):
     numel = 40
     compression = "topk:ratio=0.25"
-    shard = ShardThread(world, ServerSettings(mode="async", optimizer="sgd", compression=compression))
-    client = PSClient(shard.comm, [0], numel, timeout_s=120, compressor=build_compressor(compression),
-                      shapes=[(4, 10)])
-    params = torch.zeros(numel)
-    if world.rank == 0:
-        client.init(params)
-    world.barrier()
+    shard, client, params = _serve_zeros(world, numel, ServerSettings(mode="async", optimizer="sgd",
+                                                                      compression=compression),
+                                         compressor=build_compressor(compression), shapes=[(4, 10)])
 
     if world.rank == 1:
         raw = shard.comm.comm

@@ -102,7 +102,9 @@ class PSClient:
             if time.monotonic() > deadline:
                 raise p.ParameterServerError(
                     f"rank {self.rank} timed out after {self.timeout_s:g} s waiting for the parameter server "
-                    f"(ranks {self.servers}) to reply to its {kind.name} request")
+                    f"(ranks {self.servers}) to reply to its {kind.name} request. In async, a worker silent "
+                    f"for longer than ps_timeout_s is counted as lost, and the shards may have finished "
+                    f"without it: raise --ps-timeout-s")
             time.sleep(_POLL_SLEEP_S)
 
     def init(self, flat_params: torch.Tensor) -> None:

@@ -83,6 +83,7 @@ class Status(IntEnum):
     NOT_INITIALIZED = 10
     BAD_LR = 11
     ALREADY_INITIALIZED = 12
+    LOST_WORKER = 13
 
 
 STATUS_MESSAGES = {
@@ -98,6 +99,8 @@ STATUS_MESSAGES = {
     Status.NOT_INITIALIZED: "shard has not received its initial parameters",
     Status.BAD_LR: "learning rate is not a finite non-negative number",
     Status.ALREADY_INITIALIZED: "shard already has its initial parameters",
+    Status.LOST_WORKER: ("the shards counted this worker as lost after ps_timeout_s seconds of silence and go on "
+                         "without it; raise --ps-timeout-s above the longest pause between its pushes"),
 }
 
 # Kinds whose request carries a float32 payload of the shard's size.
@@ -158,6 +161,7 @@ class ShardView:
     init_rank: int
     next_clock: dict[int, int]
     done: frozenset[int] = frozenset()
+    lost: frozenset[int] = frozenset()
     push_nbytes: int | None = None   # a compressed push's byte length; None when pushes are float32
 
 
@@ -193,6 +197,8 @@ def validate_request(header: list[float], source: int, payload_nbytes: int | Non
         return Status.BAD_KIND
     kind = Kind(kind_value)
     worker = int(header[WORKER])
+    if source in view.lost:
+        return Status.LOST_WORKER
     if worker != source or source not in view.worker_ranks or source in view.done:
         return Status.BAD_WORKER
     if kind in (Kind.INIT, Kind.STATE_SET) and source != view.init_rank:

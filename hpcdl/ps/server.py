@@ -25,7 +25,11 @@ _PAYLOAD_WAIT_S = 10.0
 
 
 class WorkerTimeout(RuntimeError):
-    """A worker sent nothing within the timeout of a synchronous mode."""
+    """A worker the job cannot go on without sent nothing within the timeout."""
+
+
+class PeerUnreachable(RuntimeError):
+    """A message to or from one worker did not complete within the timeout."""
 
 
 @dataclass
@@ -112,7 +116,11 @@ class ShardServer:
         status = MPI.Status()
         while len(self.done | self.lost) < len(self.workers) or not self.finish_sent:
             if self.comm.comm.Iprobe(MPI.ANY_SOURCE, p.TAG_REQUEST, status):
-                self._handle(status.Get_source(), status.Get_count(MPI.BYTE))
+                source = status.Get_source()
+                try:
+                    self._handle(source, status.Get_count(MPI.BYTE))
+                except (MPI.Exception, PeerUnreachable) as exc:
+                    self._lose(source, f"communication failed: {exc}")
             else:
                 self._check_timeouts()
                 time.sleep(_IDLE_SLEEP_S)
@@ -130,7 +138,7 @@ class ShardServer:
             self._reject(source, p.Status.BAD_HEADER, f"{header_nbytes} header bytes")
             return
         raw = torch.empty(header_nbytes // 8, dtype=torch.float64)
-        self.comm.recv(raw, source=source, tag=p.TAG_REQUEST)
+        self._recv(raw, source, p.TAG_REQUEST)
         self.bytes_received += header_nbytes
         header = raw.tolist()
 
@@ -175,7 +183,7 @@ class ShardServer:
         self.bytes_received += nbytes
         # uint8 storage is aligned for any dtype, so a float32 payload is viewed in place.
         data = torch.empty(nbytes, dtype=torch.uint8)
-        self.comm.recv(data, source=source, tag=p.TAG_REQUEST_DATA)
+        self._recv(data, source, p.TAG_REQUEST_DATA)
         return data, nbytes
 
     def _wait_for(self, source: int, tag: int) -> bool:
@@ -199,7 +207,7 @@ class ShardServer:
                            version=self.version, worker_ranks=frozenset(self.workers),
                            init_rank=self.workers[0],
                            next_clock={w: c + 1 for w, c in self.clocks.items()},
-                           done=frozenset(self.done | self.lost), push_nbytes=self.push_nbytes)
+                           done=frozenset(self.done), lost=frozenset(self.lost), push_nbytes=self.push_nbytes)
 
     # Requests
 
@@ -288,11 +296,31 @@ class ShardServer:
 
     def _reply(self, dest: int, status: p.Status, numel: int = 0) -> None:
         reply = torch.tensor([int(status), self.version, numel, self.clocks.get(dest, 0)], dtype=torch.float64)
-        self.comm.send(reply, dest, tag=p.TAG_REPLY)
+        self._send(reply, dest, p.TAG_REPLY)
 
     def _reply_params(self, dest: int) -> None:
         self._reply(dest, p.Status.OK, self.params.numel())
-        self.comm.send(self.params, dest, tag=p.TAG_REPLY_DATA)
+        self._send(self.params, dest, p.TAG_REPLY_DATA)
+
+    def _send(self, tensor: torch.Tensor, dest: int, tag: int) -> None:
+        """Send to one worker; raise PeerUnreachable when it does not complete within the timeout.
+
+        A worker posts its reply receives before it sends a request, so a send
+        to a live worker completes at once; one to a dead worker never does.
+        """
+        self._complete(self.comm.isend(tensor, dest, tag=tag), dest, "send to")
+
+    def _recv(self, tensor: torch.Tensor, source: int, tag: int) -> None:
+        """Receive from one worker; raise PeerUnreachable when it does not complete within the timeout."""
+        self._complete(self.comm.irecv(tensor, source=source, tag=tag), source, "receive from")
+
+    def _complete(self, request: MPI.Request, peer: int, action: str) -> None:
+        deadline = time.monotonic() + self.settings.timeout_s
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise PeerUnreachable(f"{action} world rank {peer} did not complete in "
+                                      f"{self.settings.timeout_s:g} s (ps_timeout_s)")
+            time.sleep(_IDLE_SLEEP_S)
 
     def _stats(self) -> torch.Tensor:
         # Seconds from the first push to the last, so set-up and idle time do not count.
@@ -309,7 +337,7 @@ class ShardServer:
     def _reply_stats(self, dest: int) -> None:
         stats = self._stats()
         self._reply(dest, p.Status.OK, stats.numel())
-        self.comm.send(stats, dest, tag=p.TAG_REPLY_DATA)
+        self._send(stats, dest, p.TAG_REPLY_DATA)
 
     def _maybe_finish(self) -> None:
         """Once every worker is done or lost, send each done worker the final parameters and statistics."""
@@ -317,18 +345,21 @@ class ShardServer:
             return
         stats = self._stats()
         for worker in sorted(self.done):
-            self._reply_params(worker)
-            self.comm.send(stats, worker, tag=p.TAG_REPLY_STATS)
+            try:
+                self._reply_params(worker)
+                self._send(stats, worker, p.TAG_REPLY_STATS)
+            except (MPI.Exception, PeerUnreachable) as exc:
+                log.warning("shard %d: the final reply to world rank %d failed: %s", self.shard, worker, exc)
         self.finish_sent = True
 
     def _reply_state(self, dest: int) -> None:
         flat, meta = self.optimizer.state_flat()
-        meta.update({"version": self.version, "pushes": self.pushes,
+        meta.update({"version": self.version, "pushes": self.pushes, "bytes_received": self.bytes_received,
                      "clocks": {str(w): c for w, c in self.clocks.items()},
                      "staleness_counts": self.staleness_counts.tolist(),
                      "clock_gap_counts": self.clock_gap_counts.tolist()})
         self._reply(dest, p.Status.OK, flat.numel())
-        self.comm.send(flat, dest, tag=p.TAG_REPLY_DATA)
+        self._send(flat, dest, p.TAG_REPLY_DATA)
         # Small control values (counters, flags) go as one pickled object.
         self.comm.comm.send(meta, dest=dest, tag=p.TAG_CONTROL)
 
@@ -339,6 +370,7 @@ class ShardServer:
         self.optimizer.load_state_flat(flat, meta)
         self.version = int(meta["version"])
         self.pushes = int(meta["pushes"])
+        self.bytes_received = int(meta.get("bytes_received", self.bytes_received))
         self.clocks.update({int(w): int(c) for w, c in meta["clocks"].items()})
         self.staleness_counts = torch.tensor(meta["staleness_counts"], dtype=torch.float64)
         self.clock_gap_counts = torch.tensor(meta["clock_gap_counts"], dtype=torch.float64)
@@ -370,15 +402,24 @@ class ShardServer:
             silent_s = now - self.last_seen[worker]
             if silent_s <= self.settings.timeout_s:
                 continue
-            if self.settings.mode == "async":
-                # Asynchronous workers never wait for each other, so the others go on.
-                self.lost.add(worker)
-                log.warning("shard %d: worker %d (world rank %d) sent nothing for %.1f s (ps_timeout_s=%g); "
-                            "counting it as lost and serving the other workers", self.shard,
-                            self.workers.index(worker), worker, silent_s, self.settings.timeout_s)
-                self._maybe_finish()
-            else:
-                raise WorkerTimeout(
-                    f"worker {self.workers.index(worker)} (world rank {worker}) sent nothing for {silent_s:.1f} s (ps_timeout_s="
-                    f"{self.settings.timeout_s:g}) at clock {self.clocks[worker]}; "
-                    f"{self.settings.mode} cannot go on without it")
+            self._lose(worker, f"it sent nothing for {silent_s:.1f} s (ps_timeout_s={self.settings.timeout_s:g}) "
+                               f"at clock {self.clocks[worker]}")
+
+    def _lose(self, worker: int, reason: str) -> None:
+        """Go on without ``worker`` in ``async``; otherwise end the job with an error that names it.
+
+        Worker 0 writes the run's outputs and checkpoints, so no mode goes on without it.
+        """
+        if worker not in self.workers:
+            raise WorkerTimeout(f"shard {self.shard}: world rank {worker} is not a worker, and {reason}")
+        name = f"worker {self.workers.index(worker)} (world rank {worker})"
+        if self.settings.mode != "async" or worker == self.workers[0]:
+            why = "it writes the run's outputs" if self.settings.mode == "async" else self.settings.mode
+            raise WorkerTimeout(f"{name} is unreachable: {reason}. The job cannot go on without it ({why}); "
+                                f"if the worker is alive but slow, raise --ps-timeout-s")
+        # Asynchronous workers never wait for each other, so the others go on.
+        self.lost.add(worker)
+        if worker in self.pending_pulls:
+            self.pending_pulls.remove(worker)
+        log.warning("shard %d: %s is lost: %s; serving the other workers without it", self.shard, name, reason)
+        self._maybe_finish()
