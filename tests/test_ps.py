@@ -71,6 +71,23 @@ def test_second_init_and_finished_worker_rejected():
     assert p.validate_request(_valid_push(), 2, 40, finished) == p.Status.BAD_WORKER
 
 
+def test_lost_worker_told_so():
+    lost = p.ShardView(shard=0, numel=10, version=5, worker_ranks=WORKERS, init_rank=1,
+                       next_clock={1: 3, 2: 1, 3: 7}, lost=frozenset({2}))
+    assert p.validate_request(_valid_push(), 2, 40, lost) == p.Status.LOST_WORKER
+    assert "raise --ps-timeout-s" in p.STATUS_MESSAGES[p.Status.LOST_WORKER]
+
+
+def test_compressed_push_length_comes_from_the_shard():
+    view = p.ShardView(shard=0, numel=10, version=5, worker_ranks=WORKERS, init_rank=1,
+                       next_clock={1: 3, 2: 1, 3: 7}, push_nbytes=24)
+    encoded = p.make_header(p.Kind.PUSH_PULL, 0, 2, numel=10, version=5, clock=1, lr=0.1,
+                            encoded_nbytes=24).tolist()
+    assert p.validate_request(encoded, 2, 24, view) == p.Status.OK
+    assert p.validate_request(encoded, 2, 40, view) == p.Status.BAD_LENGTH
+    assert p.validate_request(_valid_push(), 2, 40, view) == p.Status.BAD_DTYPE
+
+
 @settings(max_examples=300, deadline=None)
 @given(header=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=0, max_size=12),
        source=st.integers(min_value=0, max_value=5),
@@ -195,6 +212,16 @@ def test_async_worker_killed_mid_run_others_finish(tmp_path):
     assert summary["pushes"] >= 3 * summary["steps"]
     assert summary["test_accuracy"] >= 0.85
     assert (run_dir / "model.safetensors").is_file()
+
+
+def test_async_silent_worker_zero_fails_job_with_the_fix(tmp_path):
+    # Worker 0 writes the outputs, so async cannot go on without it.
+    result = run_cli([HPCDL, "train", "-n", "3", "--strategy", "async", "--push-delay", "0:8",
+                      "--ps-timeout-s", "3", "--steps", "6", "--run-dir", str(tmp_path / "slow0"), *_DIGITS],
+                     timeout=200)
+    assert result.returncode != 0
+    assert "worker 0 (world rank 1) is unreachable: it sent nothing" in result.stderr
+    assert "raise --ps-timeout-s" in result.stderr
 
 
 def test_ssp_with_straggler_bounds_staleness(tmp_path):
