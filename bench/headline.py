@@ -10,7 +10,8 @@ with each compressor. It also gives ``allreduce``'s time divided by that time,
 the speed-up, whose target is at least 3 for the best variant. Table 2 gives the samples/s kept when rank
 1 computes 4x slower, as a ratio to the run without the straggler (the target
 is at least 0.7 for ``async`` and ``ssp``). With ``async`` and ``ssp`` rank 0
-serves parameters, so rank 1 is a worker.
+serves parameters and the straggler's index counts workers, so the slow rank
+is worker 1 of 3.
 
 Usage (as root, on a quiet machine):
     .venv/bin/python bench/headline.py [--epochs 5] [--link 100mbit] [--quick]

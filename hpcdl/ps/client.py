@@ -12,8 +12,7 @@ from hpcdl.comm import Communicator
 from hpcdl.compression import Compressor
 from hpcdl.compression.base import pack
 from hpcdl.ps import protocol as p
-
-_POLL_SLEEP_S = 0.0001
+from hpcdl.ps.server import pause
 
 
 class PSClient:
@@ -97,7 +96,8 @@ class PSClient:
                     f"request of rank {self.rank}: {p.STATUS_MESSAGES.get(status, status.name)}")
 
     def _wait(self, requests: list[MPI.Request], kind: p.Kind) -> None:
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
+        deadline = start + self.timeout_s
         while not MPI.Request.Testall(requests):
             if time.monotonic() > deadline:
                 raise p.ParameterServerError(
@@ -105,7 +105,7 @@ class PSClient:
                     f"(ranks {self.servers}) to reply to its {kind.name} request. In async, a worker silent "
                     f"for longer than ps_timeout_s is counted as lost, and the shards may have finished "
                     f"without it: raise --ps-timeout-s")
-            time.sleep(_POLL_SLEEP_S)
+            pause(start)
 
     def init(self, flat_params: torch.Tensor) -> None:
         """Send the initial parameters to every shard (first worker only).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -18,8 +19,23 @@ from hpcdl.ps.optimizer import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
-# How long the loop sleeps when no request is waiting, in seconds.
+# How long a polling loop sleeps per poll once it has spun for _SPIN_S, in seconds.
 _IDLE_SLEEP_S = 0.0002
+_SPIN_S = 0.002
+
+
+def pause(since: float) -> None:
+    """Pace a polling loop that has waited since ``since``: yield the core at first, then sleep.
+
+    MPICH moves a large message only while both ranks are inside MPI calls, so
+    a rank polls at once for the first ``_SPIN_S``; ``sched_yield`` hands the
+    core to another rank of an oversubscribed node. A longer wait sleeps
+    between polls, so an idle rank costs little CPU.
+    """
+    if time.monotonic() - since < _SPIN_S:
+        os.sched_yield()
+    else:
+        time.sleep(_IDLE_SLEEP_S)
 # How long a shard waits for the payload that a header announced.
 _PAYLOAD_WAIT_S = 10.0
 
@@ -114,6 +130,7 @@ class ShardServer:
         """Handle requests until every worker has sent DONE or is lost; return the number lost."""
         log.info("shard %d serving %d workers in %s mode", self.shard, len(self.workers), self.settings.mode)
         status = MPI.Status()
+        idle_since = time.monotonic()
         while len(self.done | self.lost) < len(self.workers) or not self.finish_sent:
             if self.comm.comm.Iprobe(MPI.ANY_SOURCE, p.TAG_REQUEST, status):
                 source = status.Get_source()
@@ -121,9 +138,10 @@ class ShardServer:
                     self._handle(source, status.Get_count(MPI.BYTE))
                 except (MPI.Exception, PeerUnreachable) as exc:
                     self._lose(source, f"communication failed: {exc}")
+                idle_since = time.monotonic()
             else:
                 self._check_timeouts()
-                time.sleep(_IDLE_SLEEP_S)
+                pause(idle_since)
         log.info("shard %d finished: version %d, %d pushes, %d rejected requests, %d workers lost",
                  self.shard, self.version, self.pushes, self.rejected, len(self.lost))
         return len(self.lost)
@@ -188,11 +206,11 @@ class ShardServer:
 
     def _wait_for(self, source: int, tag: int) -> bool:
         """Wait until a message from ``source`` with ``tag`` arrives; False after ``_PAYLOAD_WAIT_S``."""
-        deadline = time.monotonic() + _PAYLOAD_WAIT_S
+        start = time.monotonic()
         while not self.comm.comm.Iprobe(source, tag):
-            if time.monotonic() > deadline:
+            if time.monotonic() > start + _PAYLOAD_WAIT_S:
                 return False
-            time.sleep(_IDLE_SLEEP_S)
+            pause(start)
         return True
 
     def _decode(self, data: torch.Tensor) -> torch.Tensor:
@@ -315,12 +333,13 @@ class ShardServer:
         self._complete(self.comm.irecv(tensor, source=source, tag=tag), source, "receive from")
 
     def _complete(self, request: MPI.Request, peer: int, action: str) -> None:
-        deadline = time.monotonic() + self.settings.timeout_s
+        start = time.monotonic()
+        deadline = start + self.settings.timeout_s
         while not request.Test():
+            pause(start)
             if time.monotonic() > deadline:
                 raise PeerUnreachable(f"{action} world rank {peer} did not complete in "
                                       f"{self.settings.timeout_s:g} s (ps_timeout_s)")
-            time.sleep(_IDLE_SLEEP_S)
 
     def _stats(self) -> torch.Tensor:
         # Seconds from the first push to the last, so set-up and idle time do not count.
@@ -414,8 +433,8 @@ class ShardServer:
             raise WorkerTimeout(f"shard {self.shard}: world rank {worker} is not a worker, and {reason}")
         name = f"worker {self.workers.index(worker)} (world rank {worker})"
         if self.settings.mode != "async" or worker == self.workers[0]:
-            why = "it writes the run's outputs" if self.settings.mode == "async" else self.settings.mode
-            raise WorkerTimeout(f"{name} is unreachable: {reason}. The job cannot go on without it ({why}); "
+            needed_by = "it writes the run's outputs" if self.settings.mode == "async" else self.settings.mode
+            raise WorkerTimeout(f"{name} is unreachable: {reason}. The job cannot go on without it ({needed_by}); "
                                 f"if the worker is alive but slow, raise --ps-timeout-s")
         # Asynchronous workers never wait for each other, so the others go on.
         self.lost.add(worker)
