@@ -79,13 +79,14 @@ def validate(config: TrainConfig, world_size: int, *, launched: bool = False) ->
     # Fault-injection ranks count the training ranks, which are the workers of a
     # parameter-server job.
     trainers = training_ranks(config, world_size)
-    which = (f"this job's workers are 0 to {trainers - 1}" if trainers != world_size
-             else f"a job of {world_size} ranks has ranks 0 to {world_size - 1}")
+    valid_ranks = (f"this job's workers are 0 to {trainers - 1}" if trainers != world_size
+                   else f"a job of {world_size} ranks has ranks 0 to {world_size - 1}")
     for key, parsed in (("fail_at", parse_fail_at(config.fail_at)),
                         ("straggler", parse_straggler(config.straggler)),
                         ("inject_nonfinite", parse_inject_nonfinite(config.inject_nonfinite))):
         if parsed is not None and parsed[0] >= trainers:
-            raise ConfigError(f"Invalid {key}={getattr(config, key)!r}: rank {parsed[0]} does not exist; {which}.")
+            raise ConfigError(f"Invalid {key}={getattr(config, key)!r}: rank {parsed[0]} does not exist; "
+                              f"{valid_ranks}.")
     _check_data_and_model(config)
     if config.resume:
         _check_resume(config, training_ranks(config, world_size))
