@@ -24,9 +24,9 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
     """
     from hpcdl.api import init
 
-    if config.strategy.partition(":")[0].strip() == "async":
-        _survive_peer_failure_notices()
     ctx = init(ranks_per_node=config.ranks_per_node)
+    if config.strategy.partition(":")[0].strip() == "async":
+        _ignore_peer_failure_notices()
     error = None
     try:
         from hpcdl.validate import validate
@@ -84,16 +84,15 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
     return 0
 
 
-def _survive_peer_failure_notices() -> None:
-    """Log, rather than die of, the SIGUSR1 that MPICH's Hydra sends when another rank fails.
+def _ignore_peer_failure_notices() -> None:
+    """Ignore the SIGUSR1 that MPICH's Hydra sends every live rank when another rank ends.
 
-    Under ``-disable-auto-cleanup`` Hydra signals every live rank when one
-    fails, and SIGUSR1's default action ends the process.
+    Under ``-disable-auto-cleanup`` that signal's default action would end the
+    rank. A Python handler would not do: the interpreter restores the default
+    action while it shuts down, and a rank that ends first then kills the
+    others with the notice. The shards detect lost workers themselves.
     """
-    def notice(signum, frame) -> None:
-        log.warning("the MPI process manager reports that another rank has failed")
-
-    signal.signal(signal.SIGUSR1, notice)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _others_go_on(trainer, exc: BaseException) -> bool:
