@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from hpcdl.config import TrainConfig
 from hpcdl.errors import ConfigError
@@ -74,8 +75,7 @@ def run_rank(config: TrainConfig, *, launched: bool = False) -> int:
         if _others_go_on(trainer, exc):
             log.error("rank %d leaves the job; the other workers go on without it", ctx.rank)
             _exit_now(1)
-        sys.stderr.flush()
-        ctx.comm.comm.Abort(1)
+        _abort(ctx)
         return 1
 
     if getattr(trainer, "is_root", ctx.rank == 0):
@@ -113,6 +113,16 @@ def _exit_if_peers_lost(lost: int) -> None:
         _exit_now(0)
 
 
+def _abort(ctx) -> None:
+    """End every rank of the job, after the process manager has had time to forward the error log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Hydra forwards output asynchronously and may drop what is still in flight when
+    # MPI_Abort ends the job; a short pause lets the failure message reach the user.
+    time.sleep(1.0)
+    ctx.comm.comm.Abort(1)
+
+
 def _exit_now(status: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
@@ -146,8 +156,7 @@ def run_server_rank() -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure must end the whole job
         log.error("parameter-server rank %d failed: %s: %s", ctx.rank, type(exc).__name__, exc,
                   exc_info=not isinstance(exc, KeyboardInterrupt))
-        sys.stderr.flush()
-        ctx.comm.comm.Abort(1)
+        _abort(ctx)
         return 1
     _exit_if_peers_lost(lost)
     return 0

@@ -125,12 +125,14 @@ from mpi4py import MPI
 comm = MPI.COMM_WORLD
 buffer = np.ones(5_000_000, dtype=np.float32)
 comm.Allreduce(MPI.IN_PLACE, buffer)
-comm.Barrier()
-start = time.perf_counter()
-comm.Allreduce(MPI.IN_PLACE, buffer)
-elapsed = comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+times = []
+for _ in range(3):
+    comm.Barrier()
+    start = time.perf_counter()
+    comm.Allreduce(MPI.IN_PLACE, buffer)
+    times.append(comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
 if comm.rank == 0:
-    print("elapsed_s", elapsed, flush=True)
+    print("elapsed_s", min(times), flush=True)
 """
 
 
@@ -151,10 +153,11 @@ def test_emulated_link_rate_and_cleanup(tmp_path):
     assert result.returncode == 0, result.stderr
     elapsed = float(result.stdout.split("elapsed_s")[1].split()[0])
 
-    # Two all-reduces of 20 MB on 2 ranks: each rank sends at least 20 MB per call through its veth.
-    assert sent >= 2 * 20e6
-    # Bits the kernel counted for the timed call, over its time: the link runs near 100 Mbit/s.
-    rate_bits = sent / 2 * 8 / elapsed
+    # Four all-reduces of 20 MB on 2 ranks: each rank sends at least 20 MB per call through its veth.
+    assert sent >= 4 * 20e6
+    # Bits the kernel counted per call, over the fastest timed call (as bandwidth
+    # benchmarks report it): the link runs near 100 Mbit/s.
+    rate_bits = sent / 4 * 8 / elapsed
     assert rate_bits == pytest.approx(100e6, rel=0.2)
     assert leftovers(tag) == []
 
