@@ -118,7 +118,7 @@ def _abort(ctx) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     # Hydra forwards output asynchronously and may drop what is still in flight when
-    # MPI_Abort ends the job; a short pause lets the failure message reach the user.
+    # MPI_Abort ends the job. A short pause lets the failure message reach the user.
     time.sleep(1.0)
     ctx.comm.comm.Abort(1)
 

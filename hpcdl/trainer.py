@@ -306,7 +306,7 @@ class Trainer:
     def _finish_run(self, start_samples: int) -> dict[str, Any]:
         strategy_metrics = self.optimizer.strategy.metrics()
         if self.independent:
-            # Every worker holds the final model; worker 0 alone evaluates and reports.
+            # Every worker has the final model, and worker 0 alone evaluates and reports.
             test_loss, test_accuracy = (evaluate(self.model, self.data, self.eval_comm,
                                                  batch_size=self.config.eval_batch_size)
                                         if self.is_root else (float("nan"), None))

@@ -214,7 +214,7 @@ def test_async_worker_killed_mid_run_others_finish(tmp_path):
     assert (run_dir / "model.safetensors").is_file()
 
 
-def test_async_silent_worker_zero_fails_job_with_the_fix(tmp_path):
+def test_async_silent_worker_zero_fails(tmp_path):
     # Worker 0 writes the outputs, so async cannot go on without it.
     result = run_cli([HPCDL, "train", "-n", "3", "--strategy", "async", "--push-delay", "0:8",
                       "--ps-timeout-s", "3", "--steps", "6", "--run-dir", str(tmp_path / "slow0"), *_DIGITS],

@@ -74,10 +74,11 @@ def mpi_environment(interface: str = "eth0", ranks: int | None = None) -> dict[s
     one host. The OFI tcp provider and UCX's tcp transport are both pinned to
     the interface, so the choice of MPICH network module does not matter.
 
-    With ``NOLOCAL`` every rank sees a node of its own, so ``hpcdl.init`` would
-    give each rank all the host's cores for torch's threads. With ``ranks``,
-    ``OMP_NUM_THREADS`` shares the cores out instead (unless it is set already):
-    the emulated hosts still share one CPU.
+    With ``NOLOCAL``, MPI's shared-memory split puts each rank in a node of its
+    own, so ``hpcdl.init`` would give each rank all the host's cores for
+    torch's threads. With ``ranks``, ``OMP_NUM_THREADS`` shares the cores out
+    instead, unless it is set already, because the emulated hosts still share
+    one CPU.
     """
     env = {
         "MPIR_CVAR_NOLOCAL": "1",

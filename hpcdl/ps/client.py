@@ -12,7 +12,6 @@ from hpcdl.comm import Communicator
 from hpcdl.compression import Compressor
 from hpcdl.compression.base import pack
 from hpcdl.ps import protocol as p
-from hpcdl.ps.server import pause
 
 
 class PSClient:
@@ -105,7 +104,7 @@ class PSClient:
                     f"(ranks {self.servers}) to reply to its {kind.name} request. In async, a worker silent "
                     f"for longer than ps_timeout_s is counted as lost, and the shards may have finished "
                     f"without it: raise --ps-timeout-s")
-            pause(start)
+            p.pause(start)
 
     def init(self, flat_params: torch.Tensor) -> None:
         """Send the initial parameters to every shard (first worker only).

@@ -12,6 +12,8 @@ Integer fields travel as float64, which represents every integer up to 2**53 exa
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -49,8 +51,8 @@ STATS_FIELDS = STATS_SCALARS + 2 * HISTOGRAM_BINS
 DTYPE_CODES = {torch.float32: 1}
 PAYLOAD_DTYPE = torch.float32
 # DTYPE code of a compressed push: the compressor's payload tensors packed into
-# bytes (``hpcdl.compression.pack``), whose length the shard knows from its
-# compressor and the shard's tensor shapes.
+# bytes (``hpcdl.compression.pack``). The shard computes the expected length
+# from its compressor and its tensor shapes.
 ENCODED_CODE = 2
 
 
@@ -105,6 +107,25 @@ STATUS_MESSAGES = {
 
 # Kinds whose request carries a float32 payload of the shard's size.
 KINDS_WITH_PAYLOAD = {Kind.INIT, Kind.PUSH_PULL}
+
+
+# How long a polling loop sleeps per poll once it has spun for _SPIN_S, in seconds.
+_IDLE_SLEEP_S = 0.0002
+_SPIN_S = 0.002
+
+
+def pause(since: float) -> None:
+    """Pace a polling loop that has waited since ``since``: yield the core at first, then sleep.
+
+    MPICH moves a large message only while both ranks are inside MPI calls, so
+    a rank polls without sleeping for the first ``_SPIN_S``. ``sched_yield``
+    hands the core to another rank of an oversubscribed node. A longer wait
+    sleeps between polls, so an idle rank costs little CPU.
+    """
+    if time.monotonic() - since < _SPIN_S:
+        os.sched_yield()
+    else:
+        time.sleep(_IDLE_SLEEP_S)
 
 
 class ParameterServerError(RuntimeError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -19,23 +18,6 @@ from hpcdl.ps.optimizer import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
-# How long a polling loop sleeps per poll once it has spun for _SPIN_S, in seconds.
-_IDLE_SLEEP_S = 0.0002
-_SPIN_S = 0.002
-
-
-def pause(since: float) -> None:
-    """Pace a polling loop that has waited since ``since``: yield the core at first, then sleep.
-
-    MPICH moves a large message only while both ranks are inside MPI calls, so
-    a rank polls at once for the first ``_SPIN_S``; ``sched_yield`` hands the
-    core to another rank of an oversubscribed node. A longer wait sleeps
-    between polls, so an idle rank costs little CPU.
-    """
-    if time.monotonic() - since < _SPIN_S:
-        os.sched_yield()
-    else:
-        time.sleep(_IDLE_SLEEP_S)
 # How long a shard waits for the payload that a header announced.
 _PAYLOAD_WAIT_S = 10.0
 
@@ -81,9 +63,9 @@ class ShardServer:
     interleave and none is lost. A request that fails validation is logged and
     rejected with an error status sent to its sender, and the shard keeps serving.
 
-    DONE is answered only when every worker is done or lost, with the final
-    parameters and the shard's statistics, so that all workers finish with the
-    same model without meeting in a collective.
+    The shard replies to DONE only when every worker is done or lost. The
+    reply carries the final parameters and the shard's statistics, so all
+    workers finish with the same model without a collective between them.
 
     Args:
         comm: the communicator that carries parameter-server traffic.
@@ -141,7 +123,7 @@ class ShardServer:
                 idle_since = time.monotonic()
             else:
                 self._check_timeouts()
-                pause(idle_since)
+                p.pause(idle_since)
         log.info("shard %d finished: version %d, %d pushes, %d rejected requests, %d workers lost",
                  self.shard, self.version, self.pushes, self.rejected, len(self.lost))
         return len(self.lost)
@@ -210,7 +192,7 @@ class ShardServer:
         while not self.comm.comm.Iprobe(source, tag):
             if time.monotonic() > start + _PAYLOAD_WAIT_S:
                 return False
-            pause(start)
+            p.pause(start)
         return True
 
     def _decode(self, data: torch.Tensor) -> torch.Tensor:
@@ -324,7 +306,7 @@ class ShardServer:
         """Send to one worker; raise PeerUnreachable when it does not complete within the timeout.
 
         A worker posts its reply receives before it sends a request, so a send
-        to a live worker completes at once; one to a dead worker never does.
+        to a live worker completes at once. A send to a dead worker never does.
         """
         self._complete(self.comm.isend(tensor, dest, tag=tag), dest, "send to")
 
@@ -336,7 +318,7 @@ class ShardServer:
         start = time.monotonic()
         deadline = start + self.settings.timeout_s
         while not request.Test():
-            pause(start)
+            p.pause(start)
             if time.monotonic() > deadline:
                 raise PeerUnreachable(f"{action} world rank {peer} did not complete in "
                                       f"{self.settings.timeout_s:g} s (ps_timeout_s)")
@@ -436,7 +418,7 @@ class ShardServer:
             needed_by = "it writes the run's outputs" if self.settings.mode == "async" else self.settings.mode
             raise WorkerTimeout(f"{name} is unreachable: {reason}. The job cannot go on without it ({needed_by}); "
                                 f"if the worker is alive but slow, raise --ps-timeout-s")
-        # Asynchronous workers never wait for each other, so the others go on.
+        # In async the workers do not wait for each other, so the others go on.
         self.lost.add(worker)
         if worker in self.pending_pulls:
             self.pending_pulls.remove(worker)

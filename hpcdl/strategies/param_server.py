@@ -183,8 +183,8 @@ class ParameterServerStrategy(Strategy):
     def finish(self) -> None:
         """Tell the shards this worker is done, and load the final parameters they return.
 
-        The shards answer once every worker still alive is done, so every
-        worker ends with the same parameters without a collective between them.
+        The shards reply once every worker still alive is done, so every worker
+        ends with the same parameters without a collective between them.
         """
         if self.finished:
             return
